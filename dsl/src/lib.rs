@@ -1,0 +1,13 @@
+//! flashc-dsl: the `.arch` language — parse (text → ast), resolve (ast → spec), diagnostics.
+//!
+//! This crate knows nothing of graphs, GPUs or Cranelift. Its output, `spec::ModelSpec`, is the only
+//! thing later stages read from a model file.
+//!
+//! Invariants:
+//! - only `parser.rs` names pest's `Rule`;
+//! - no input, however malformed, makes any function here panic or loop forever: every failure is a
+//!   `diag::Diagnostic` with a span;
+//! - resolving the same text twice gives identical specs (no hash-order dependence).
+
+pub mod diag;
+pub mod spec;
