@@ -11,3 +11,10 @@
 
 pub mod diag;
 pub mod spec;
+pub mod ast;
+pub mod parser;
+pub mod resolve;
+
+pub use diag::{Code, Diagnostic, Severity, Span};
+pub use resolve::load;
+pub use spec::ModelSpec;

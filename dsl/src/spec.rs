@@ -47,6 +47,7 @@ pub struct ModelSpec {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Norm {
     /// `x * rsqrt(mean(x^2) + eps) * w`, computed in f32.
+    #[serde(rename = "rmsnorm")]
     RmsNorm { eps: f64 },
 }
 
