@@ -10,4 +10,6 @@
 //! - resolving the same text twice gives identical specs (no hash-order dependence).
 
 pub mod diag;
+pub mod manifest;
 pub mod spec;
+pub mod stats;
