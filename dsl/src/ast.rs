@@ -80,11 +80,18 @@ pub enum ExprKind {
     /// A reference to a binding, or a bare word such as `swiglu`.
     Name(Ident),
     /// `callee(name = value, ...)`.
-    Call { callee: Ident, args: Vec<Arg> },
+    Call {
+        callee: Ident,
+        args: Vec<Arg>,
+    },
     /// `[a, b, ...]`.
     List(Vec<Expr>),
     /// `lhs op rhs`.
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
     /// `-expr`.
     Neg(Box<Expr>),
     /// `(expr)`, kept so formatting preserves the author's grouping.

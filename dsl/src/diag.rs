@@ -230,7 +230,9 @@ pub fn render(file_name: &str, source: &str, diags: &[Diagnostic]) -> String {
         cd = cd.with_notes(notes);
         match term::emit_into_string(&config, &file, &cd) {
             Ok(s) => out.push_str(&s),
-            Err(e) => out.push_str(&format!("{}[{}]: {} (could not show source: {e})\n", severity_word(d), d.code, d.message)),
+            Err(e) => {
+                out.push_str(&format!("{}[{}]: {} (could not show source: {e})\n", severity_word(d), d.code, d.message))
+            }
         }
     }
     out

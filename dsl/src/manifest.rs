@@ -75,41 +75,23 @@ pub struct TensorDecl {
 impl TensorDecl {
     /// Number of elements (the product of the shape; saturates at `u64::MAX`).
     pub fn numel(&self) -> u64 {
-        self.shape
-            .iter()
-            .fold(1u64, |acc, &d| acc.saturating_mul(d))
+        self.shape.iter().fold(1u64, |acc, &d| acc.saturating_mul(d))
     }
 }
 
 /// Every weight tensor of `spec`, in the module's canonical order.
 pub fn manifest(spec: &ModelSpec) -> Vec<TensorDecl> {
     let mut out = Vec::new();
-    out.push(decl(
-        EMBED.to_string(),
-        vec![spec.vocab, spec.hidden],
-        WeightRole::Embedding,
-    ));
+    out.push(decl(EMBED.to_string(), vec![spec.vocab, spec.hidden], WeightRole::Embedding));
     if spec.meta_tokens > 0 {
-        out.push(decl(
-            META_TOKENS.to_string(),
-            vec![spec.meta_tokens, spec.hidden],
-            WeightRole::Embedding,
-        ));
+        out.push(decl(META_TOKENS.to_string(), vec![spec.meta_tokens, spec.hidden], WeightRole::Embedding));
     }
     for layer in &spec.layers {
         out.extend(layer_manifest(spec, layer));
     }
-    out.push(decl(
-        FINAL_NORM.to_string(),
-        vec![spec.hidden],
-        WeightRole::Norm,
-    ));
+    out.push(decl(FINAL_NORM.to_string(), vec![spec.hidden], WeightRole::Norm));
     if !spec.tie_embeddings {
-        out.push(decl(
-            LM_HEAD.to_string(),
-            vec![spec.vocab, spec.hidden],
-            WeightRole::Embedding,
-        ));
+        out.push(decl(LM_HEAD.to_string(), vec![spec.vocab, spec.hidden], WeightRole::Embedding));
     }
     out
 }
@@ -118,11 +100,7 @@ pub fn manifest(spec: &ModelSpec) -> Vec<TensorDecl> {
 pub fn layer_manifest(spec: &ModelSpec, layer: &Layer) -> Vec<TensorDecl> {
     let mut b = Builder {
         prefix: format!("layers.{}.{}", layer.index, op_prefix(&layer.op)),
-        out: vec![decl(
-            format!("layers.{}.norm", layer.index),
-            vec![spec.hidden],
-            WeightRole::Norm,
-        )],
+        out: vec![decl(format!("layers.{}.norm", layer.index), vec![spec.hidden], WeightRole::Norm)],
     };
     let h = spec.hidden;
     match &layer.op {
@@ -156,11 +134,7 @@ struct Builder {
 
 impl Builder {
     fn push(&mut self, name: &str, shape: &[u64], role: WeightRole) {
-        self.out.push(decl(
-            format!("{}.{}", self.prefix, name),
-            shape.to_vec(),
-            role,
-        ));
+        self.out.push(decl(format!("{}.{}", self.prefix, name), shape.to_vec(), role));
     }
 
     /// A matrix `[rows, cols]` followed by its bias `[rows]` when `bias`.
@@ -183,38 +157,14 @@ impl Builder {
 fn attention(b: &mut Builder, hidden: u64, a: &Attention) {
     let q_width = a.heads.saturating_mul(a.head_dim);
     let kv_width = a.kv_heads.saturating_mul(a.head_dim);
-    b.matrix(
-        "q_proj",
-        q_width,
-        hidden,
-        WeightRole::ReadsHidden,
-        a.qkv_bias,
-    );
-    b.matrix(
-        "k_proj",
-        kv_width,
-        hidden,
-        WeightRole::ReadsHidden,
-        a.qkv_bias,
-    );
-    b.matrix(
-        "v_proj",
-        kv_width,
-        hidden,
-        WeightRole::ReadsHidden,
-        a.qkv_bias,
-    );
+    b.matrix("q_proj", q_width, hidden, WeightRole::ReadsHidden, a.qkv_bias);
+    b.matrix("k_proj", kv_width, hidden, WeightRole::ReadsHidden, a.qkv_bias);
+    b.matrix("v_proj", kv_width, hidden, WeightRole::ReadsHidden, a.qkv_bias);
     if a.qk_norm {
         b.push("q_norm", &[a.head_dim], WeightRole::Norm);
         b.push("k_norm", &[a.head_dim], WeightRole::Norm);
     }
-    b.matrix(
-        "o_proj",
-        hidden,
-        q_width,
-        WeightRole::WritesHidden,
-        a.out_bias,
-    );
+    b.matrix("o_proj", hidden, q_width, WeightRole::WritesHidden, a.out_bias);
 }
 
 fn deltanet(b: &mut Builder, hidden: u64, d: &DeltaNet) {
@@ -241,53 +191,28 @@ fn deltanet(b: &mut Builder, hidden: u64, d: &DeltaNet) {
 
 /// Channels of the Mamba2 convolution: `x`, `B` and `C`.
 pub(crate) fn mamba2_conv_channels(m: &Mamba2) -> u64 {
-    m.inner
-        .saturating_add(2u64.saturating_mul(m.groups).saturating_mul(m.state))
+    m.inner.saturating_add(2u64.saturating_mul(m.groups).saturating_mul(m.state))
 }
 
 fn mamba2(b: &mut Builder, hidden: u64, m: &Mamba2) {
     let xbc = mamba2_conv_channels(m);
     // Split order of the in_proj output: z (inner), xBC (inner + 2·groups·state), dt (heads).
     let in_rows = m.inner.saturating_add(xbc).saturating_add(m.heads);
-    b.matrix(
-        "in_proj",
-        in_rows,
-        hidden,
-        WeightRole::ReadsHidden,
-        m.proj_bias,
-    );
+    b.matrix("in_proj", in_rows, hidden, WeightRole::ReadsHidden, m.proj_bias);
     b.conv("conv", xbc, m.conv, m.conv_bias);
     b.push("dt_bias", &[m.heads], WeightRole::Vector);
     b.push("A_log", &[m.heads], WeightRole::Vector);
     b.push("D", &[m.heads], WeightRole::Vector);
     b.push("norm", &[m.inner], WeightRole::Norm);
-    b.matrix(
-        "out_proj",
-        hidden,
-        m.inner,
-        WeightRole::WritesHidden,
-        m.proj_bias,
-    );
+    b.matrix("out_proj", hidden, m.inner, WeightRole::WritesHidden, m.proj_bias);
 }
 
 fn ffn(b: &mut Builder, hidden: u64, f: &Ffn) {
     if f.act == Activation::Swiglu {
-        b.matrix(
-            "gate_proj",
-            f.inner,
-            hidden,
-            WeightRole::ReadsHidden,
-            f.bias,
-        );
+        b.matrix("gate_proj", f.inner, hidden, WeightRole::ReadsHidden, f.bias);
     }
     b.matrix("up_proj", f.inner, hidden, WeightRole::ReadsHidden, f.bias);
-    b.matrix(
-        "down_proj",
-        hidden,
-        f.inner,
-        WeightRole::WritesHidden,
-        f.bias,
-    );
+    b.matrix("down_proj", hidden, f.inner, WeightRole::WritesHidden, f.bias);
 }
 
 /// Hand-built specs of real models, shared by this module's and `stats`' tests.
@@ -295,19 +220,12 @@ fn ffn(b: &mut Builder, hidden: u64, f: &Ffn) {
 pub(crate) mod testing {
     use crate::diag::Span;
     use crate::spec::{
-        Activation, Attention, DType, DeltaNet, Ffn, Layer, Logits, Mamba2, ModelSpec, Norm,
-        Operator, Rope, RopeScaling, RopeStyle,
+        Activation, Attention, DType, DeltaNet, Ffn, Layer, Logits, Mamba2, ModelSpec, Norm, Operator, Rope,
+        RopeScaling, RopeStyle,
     };
 
     /// A model with the given operators, one layer each, no blocks.
-    pub fn model(
-        name: &str,
-        vocab: u64,
-        hidden: u64,
-        tie: bool,
-        meta: u64,
-        ops: Vec<Operator>,
-    ) -> ModelSpec {
+    pub fn model(name: &str, vocab: u64, hidden: u64, tie: bool, meta: u64, ops: Vec<Operator>) -> ModelSpec {
         let layers = ops
             .into_iter()
             .enumerate()
@@ -334,22 +252,12 @@ pub(crate) mod testing {
         }
     }
 
-    pub fn attn_op(
-        heads: u64,
-        kv_heads: u64,
-        head_dim: u64,
-        qk_norm: bool,
-        theta: f64,
-    ) -> Operator {
+    pub fn attn_op(heads: u64, kv_heads: u64, head_dim: u64, qk_norm: bool, theta: f64) -> Operator {
         Operator::Attention(Attention {
             heads,
             kv_heads,
             head_dim,
-            rope: Some(Rope {
-                theta,
-                style: RopeStyle::RotateHalf,
-                scaling: RopeScaling::None,
-            }),
+            rope: Some(Rope { theta, style: RopeStyle::RotateHalf, scaling: RopeScaling::None }),
             window: None,
             qk_norm,
             qkv_bias: false,
@@ -358,11 +266,7 @@ pub(crate) mod testing {
     }
 
     pub fn ffn_op(inner: u64) -> Operator {
-        Operator::Ffn(Ffn {
-            inner,
-            act: Activation::Swiglu,
-            bias: false,
-        })
+        Operator::Ffn(Ffn { inner, act: Activation::Swiglu, bias: false })
     }
 
     pub fn deltanet_op(heads: u64, head_dim: u64) -> Operator {
@@ -449,9 +353,7 @@ mod tests {
     use super::*;
 
     fn find<'a>(m: &'a [TensorDecl], name: &str) -> &'a TensorDecl {
-        m.iter()
-            .find(|t| t.name == name)
-            .unwrap_or_else(|| panic!("no tensor {name}"))
+        m.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no tensor {name}"))
     }
 
     fn names(m: &[TensorDecl]) -> Vec<&str> {
@@ -594,23 +496,14 @@ mod tests {
         mm.proj_bias = true;
         mm.conv_bias = false;
         mm.groups = 2;
-        let relu = Operator::Ffn(Ffn {
-            inner: 384,
-            act: Activation::Relu2,
-            bias: true,
-        });
+        let relu = Operator::Ffn(Ffn { inner: 384, act: Activation::Relu2, bias: true });
         let spec = model(
             "flags",
             1000,
             128,
             true,
             0,
-            vec![
-                Operator::Attention(a),
-                Operator::DeltaNet(g),
-                Operator::Mamba2(mm),
-                relu,
-            ],
+            vec![Operator::Attention(a), Operator::DeltaNet(g), Operator::Mamba2(mm), relu],
         );
         let m = manifest(&spec);
         let shape = |n: &str| find(&m, n).shape.clone();
@@ -618,20 +511,14 @@ mod tests {
         assert_eq!(shape("layers.0.attn.k_proj_bias"), vec![128]);
         assert_eq!(shape("layers.0.attn.v_proj_bias"), vec![128]);
         assert_eq!(shape("layers.0.attn.o_proj_bias"), vec![128]);
-        assert_eq!(
-            find(&m, "layers.0.attn.o_proj_bias").role,
-            WeightRole::Vector
-        );
+        assert_eq!(find(&m, "layers.0.attn.o_proj_bias").role, WeightRole::Vector);
 
         assert_eq!(shape("layers.1.deltanet.v_proj"), vec![192, 128]);
         assert_eq!(shape("layers.1.deltanet.a_proj"), vec![4, 128]);
         assert_eq!(shape("layers.1.deltanet.A_log"), vec![4]);
         assert_eq!(shape("layers.1.deltanet.dt_bias"), vec![4]);
         assert_eq!(shape("layers.1.deltanet.g_proj"), vec![192, 128]);
-        assert_eq!(
-            find(&m, "layers.1.deltanet.g_proj").role,
-            WeightRole::ReadsHidden
-        );
+        assert_eq!(find(&m, "layers.1.deltanet.g_proj").role, WeightRole::ReadsHidden);
         assert_eq!(shape("layers.1.deltanet.q_conv_bias"), vec![128]);
         assert_eq!(shape("layers.1.deltanet.v_conv"), vec![192, 4]);
         assert_eq!(shape("layers.1.deltanet.v_conv_bias"), vec![192]);
@@ -648,10 +535,7 @@ mod tests {
         assert!(!m.iter().any(|t| t.name == "layers.3.ffn.gate_proj"));
         assert_eq!(shape("layers.3.ffn.up_proj_bias"), vec![384]);
         assert_eq!(shape("layers.3.ffn.down_proj_bias"), vec![128]);
-        assert_eq!(
-            find(&m, "layers.3.ffn.down_proj").role,
-            WeightRole::WritesHidden
-        );
+        assert_eq!(find(&m, "layers.3.ffn.down_proj").role, WeightRole::WritesHidden);
 
         // No name appears twice.
         let mut all = names(&m);
@@ -663,23 +547,12 @@ mod tests {
 
     #[test]
     fn numel_and_serde() {
-        let t = TensorDecl {
-            name: "x".into(),
-            shape: vec![3, 5, 7],
-            role: WeightRole::ReadsHidden,
-        };
+        let t = TensorDecl { name: "x".into(), shape: vec![3, 5, 7], role: WeightRole::ReadsHidden };
         assert_eq!(t.numel(), 105);
-        let huge = TensorDecl {
-            name: "y".into(),
-            shape: vec![u64::MAX, 2],
-            role: WeightRole::Vector,
-        };
+        let huge = TensorDecl { name: "y".into(), shape: vec![u64::MAX, 2], role: WeightRole::Vector };
         assert_eq!(huge.numel(), u64::MAX);
         let json = serde_json::to_string(&t).unwrap();
-        assert_eq!(
-            json,
-            r#"{"name":"x","shape":[3,5,7],"role":"reads_hidden"}"#
-        );
+        assert_eq!(json, r#"{"name":"x","shape":[3,5,7],"role":"reads_hidden"}"#);
         let back: TensorDecl = serde_json::from_str(&json).unwrap();
         assert_eq!(back, t);
     }

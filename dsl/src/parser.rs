@@ -285,8 +285,14 @@ fn rule_words(rule: Rule) -> Option<&'static str> {
         Rule::EOI => "end of file",
         Rule::model | Rule::kw_model => "`model`",
         Rule::name => "a name",
-        Rule::let_item | Rule::op_item | Rule::block_item | Rule::section | Rule::setting | Rule::kw_let
-        | Rule::kw_op | Rule::kw_block => "a setting, `let`, `op` or `block`",
+        Rule::let_item
+        | Rule::op_item
+        | Rule::block_item
+        | Rule::section
+        | Rule::setting
+        | Rule::kw_let
+        | Rule::kw_op
+        | Rule::kw_block => "a setting, `let`, `op` or `block`",
         Rule::expr
         | Rule::sum
         | Rule::product

@@ -14,8 +14,8 @@ use std::rc::Rc;
 use crate::ast::{BinOp, Expr, ExprKind, File, Ident, Item, ItemKind, Model};
 use crate::diag::{Code, Diagnostic, Span, did_you_mean, has_errors};
 use crate::spec::{
-    Activation, Attention, DType, DeltaNet, Ffn, Layer, Logits, Mamba2, ModelSpec, Norm, Operator, Optimizer,
-    Rope, RopeScaling, RopeStyle, Schedule, Train, WeightNorm,
+    Activation, Attention, DType, DeltaNet, Ffn, Layer, Logits, Mamba2, ModelSpec, Norm, Operator, Optimizer, Rope,
+    RopeScaling, RopeStyle, Schedule, Train, WeightNorm,
 };
 
 /// Most layers a stack may expand to (and most elements of any list value).
@@ -552,12 +552,8 @@ impl<'a> Resolver<'a> {
         for a in &call.args {
             if let Some(n) = &a.name {
                 self.err(
-                    Diagnostic::error(
-                        Code::UnknownParam,
-                        n.span,
-                        format!("`{name}` takes positional arguments only"),
-                    )
-                    .with_help(format!("write `{name}(a, b)`")),
+                    Diagnostic::error(Code::UnknownParam, n.span, format!("`{name}` takes positional arguments only"))
+                        .with_help(format!("write `{name}(a, b)`")),
                 );
                 return None;
             }
@@ -732,13 +728,9 @@ impl<'a> Resolver<'a> {
             Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e18 => Some(*f as i64),
             Value::Float(f) => {
                 self.err(
-                    Diagnostic::error(
-                        Code::NotInteger,
-                        span,
-                        format!("{what} must be an integer, but this is {f}"),
-                    )
-                    .with_label("not a whole number")
-                    .with_help("use `floor(...)` or `ceil(...)` to round"),
+                    Diagnostic::error(Code::NotInteger, span, format!("{what} must be an integer, but this is {f}"))
+                        .with_label("not a whole number")
+                        .with_help("use `floor(...)` or `ceil(...)` to round"),
                 );
                 None
             }
@@ -835,12 +827,9 @@ impl<'a> Resolver<'a> {
                 if let Some((_, t)) = choices.iter().find(|(c, _)| c == w) {
                     return Some(*t);
                 }
-                let mut d = Diagnostic::error(
-                    Code::BadEnumValue,
-                    span,
-                    format!("`{w}` is not a valid value for {what}"),
-                )
-                .with_label(format!("expected {}", words()));
+                let mut d =
+                    Diagnostic::error(Code::BadEnumValue, span, format!("`{w}` is not a valid value for {what}"))
+                        .with_label(format!("expected {}", words()));
                 if let Some(s) = did_you_mean(w, choices.iter().map(|(c, _)| *c)) {
                     d = d.with_help(format!("did you mean `{s}`?"));
                 }
@@ -1013,7 +1002,9 @@ impl<'a> Resolver<'a> {
                 Diagnostic::error(
                     Code::ShapeMismatch,
                     heads_span,
-                    format!("`hidden` ({hidden}) is not divisible by `heads` ({heads}), so {op} has no default `head_dim`"),
+                    format!(
+                        "`hidden` ({hidden}) is not divisible by `heads` ({heads}), so {op} has no default `head_dim`"
+                    ),
                 )
                 .with_label(format!("{hidden} / {heads} is not a whole number"))
                 .with_help("give `head_dim` explicitly, or choose `heads` that divides `hidden`"),
@@ -1092,7 +1083,16 @@ impl<'a> Resolver<'a> {
             );
             return None;
         }
-        Some(Attention { heads, kv_heads, head_dim, rope, window: window?, qk_norm: qk_norm?, qkv_bias: qkv_bias?, out_bias: out_bias? })
+        Some(Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            rope,
+            window: window?,
+            qk_norm: qk_norm?,
+            qkv_bias: qkv_bias?,
+            out_bias: out_bias?,
+        })
     }
 
     fn rope(&mut self, v: &ArgValue) -> Option<Option<Rope>> {
@@ -1209,8 +1209,12 @@ impl<'a> Resolver<'a> {
                         let inner = x * h as f64;
                         if x <= 0.0 {
                             self.err(
-                                Diagnostic::error(Code::OutOfRange, espan, format!("`expand` must be positive, but it is {x}"))
-                                    .with_label("must be positive"),
+                                Diagnostic::error(
+                                    Code::OutOfRange,
+                                    espan,
+                                    format!("`expand` must be positive, but it is {x}"),
+                                )
+                                .with_label("must be positive"),
                             );
                             None
                         } else if inner.fract() != 0.0 {
@@ -1243,8 +1247,12 @@ impl<'a> Resolver<'a> {
             Some(v) => match self.want_float(&v.value, v.span, "`dt_min`") {
                 Some(f) if f < 0.0 => {
                     self.err(
-                        Diagnostic::error(Code::OutOfRange, v.span, format!("`dt_min` must not be negative, but it is {f}"))
-                            .with_label("Δ is a softplus, never negative"),
+                        Diagnostic::error(
+                            Code::OutOfRange,
+                            v.span,
+                            format!("`dt_min` must not be negative, but it is {f}"),
+                        )
+                        .with_label("Δ is a softplus, never negative"),
                     );
                     None
                 }
@@ -1522,7 +1530,9 @@ impl<'a> Resolver<'a> {
                 .with_label("not a training setting");
                 d = match did_you_mean(&key.name, TRAIN_SETTINGS.iter().copied()) {
                     Some(s) => d.with_help(format!("did you mean `{s}`?")),
-                    None => d.with_help(format!("training settings are {}", list_words(TRAIN_SETTINGS.iter().copied()))),
+                    None => {
+                        d.with_help(format!("training settings are {}", list_words(TRAIN_SETTINGS.iter().copied())))
+                    }
                 };
                 self.err(d);
                 ok = false;
@@ -1589,8 +1599,10 @@ impl<'a> Resolver<'a> {
         let steps = int(self, "steps", 1, 1000);
         let seed = int(self, "seed", 0, 0);
 
-        if let (Some(WeightNorm::Paper), Some(Optimizer::Adam { weight_decay, .. } | Optimizer::Sgd { weight_decay, .. })) =
-            (weight_norm, &optimizer)
+        if let (
+            Some(WeightNorm::Paper),
+            Some(Optimizer::Adam { weight_decay, .. } | Optimizer::Sgd { weight_decay, .. }),
+        ) = (weight_norm, &optimizer)
             && *weight_decay > 0.0
             && let Some((_, e)) = settings.get("optimizer")
         {
@@ -1732,11 +1744,7 @@ impl Args {
             }
             seen.insert(n.name.as_str(), n.span);
         }
-        let spans = call
-            .args
-            .iter()
-            .filter_map(|a| a.name.as_ref().map(|n| (n.name.clone(), a.span)))
-            .collect();
+        let spans = call.args.iter().filter_map(|a| a.name.as_ref().map(|n| (n.name.clone(), a.span))).collect();
         ok.then(|| Args {
             callee: call.callee.clone(),
             taken: vec![false; call.args.len()],

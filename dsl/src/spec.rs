@@ -192,7 +192,10 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Nemotron-Flash NTK: `theta' = theta * (factor * max_seq / original_max - (factor - 1))^(d / (d - 2))`.
-    Ntk { factor: f64, original_max: u64 },
+    Ntk {
+        factor: f64,
+        original_max: u64,
+    },
 }
 
 /// DeltaNet, or Gated DeltaNet when `gated`.
@@ -305,12 +308,7 @@ pub struct Train {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Optimizer {
     /// Adam with decoupled weight decay (AdamW; `weight_decay = 0` is plain Adam).
-    Adam {
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
-    },
+    Adam { beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
     /// Stochastic gradient descent with momentum.
     Sgd { momentum: f64, weight_decay: f64 },
 }

@@ -99,9 +99,7 @@ fn mul(factors: &[u64]) -> u64 {
 }
 
 fn sum_numel<'a>(tensors: impl IntoIterator<Item = &'a TensorDecl>) -> u64 {
-    tensors
-        .into_iter()
-        .fold(0u64, |acc, t| acc.saturating_add(t.numel()))
+    tensors.into_iter().fold(0u64, |acc, t| acc.saturating_add(t.numel()))
 }
 
 /// Per-token cache bytes of one attention layer: K and V for every KV head.
@@ -119,14 +117,12 @@ pub fn model_stats(spec: &ModelSpec) -> ModelStats {
     let params_total = sum_numel(&all);
     let params_embedding = sum_numel(all.iter().filter(|t| t.name == EMBED || t.name == LM_HEAD));
     let params_meta = sum_numel(all.iter().filter(|t| t.name == META_TOKENS));
-    let params_non_embedding = params_total
-        .saturating_sub(params_embedding)
-        .saturating_sub(params_meta);
+    let params_non_embedding = params_total.saturating_sub(params_embedding).saturating_sub(params_meta);
     let dt = spec.dtype.size();
 
     // The LM head is a matmul on every decoded token, tied or not.
-    let matmul_params = sum_numel(all.iter().filter(|t| t.role.is_projection()))
-        .saturating_add(mul(&[spec.vocab, spec.hidden]));
+    let matmul_params =
+        sum_numel(all.iter().filter(|t| t.role.is_projection())).saturating_add(mul(&[spec.vocab, spec.hidden]));
 
     let mut kv_bytes_per_token = 0u64;
     let mut window_kv_bytes = 0u64;
@@ -144,12 +140,11 @@ pub fn model_stats(spec: &ModelSpec) -> ModelStats {
                     None => kv_bytes_per_token = kv_bytes_per_token.saturating_add(per_token),
                     Some(w) => {
                         let cached = w.min(spec.max_seq);
-                        window_kv_bytes =
-                            window_kv_bytes.saturating_add(cached.saturating_mul(per_token));
+                        window_kv_bytes = window_kv_bytes.saturating_add(cached.saturating_mul(per_token));
                     }
                 }
-                attention_flops_per_context_token = attention_flops_per_context_token
-                    .saturating_add(mul(&[4, a.heads, a.head_dim]));
+                attention_flops_per_context_token =
+                    attention_flops_per_context_token.saturating_add(mul(&[4, a.heads, a.head_dim]));
             }
             Operator::DeltaNet(d) => {
                 let channels = deltanet_conv_channels(d);
@@ -159,8 +154,7 @@ pub fn model_stats(spec: &ModelSpec) -> ModelStats {
                     d.v_head_dim,
                     RECURRENT_STATE_DTYPE_BYTES,
                 ]));
-                conv_state_bytes =
-                    conv_state_bytes.saturating_add(mul(&[channels, d.conv.saturating_sub(1), dt]));
+                conv_state_bytes = conv_state_bytes.saturating_add(mul(&[channels, d.conv.saturating_sub(1), dt]));
                 mixer_flops = mixer_flops
                     .saturating_add(mul(&[6, d.heads, d.head_dim, d.v_head_dim]))
                     .saturating_add(mul(&[2, channels, d.conv]));
@@ -173,8 +167,7 @@ pub fn model_stats(spec: &ModelSpec) -> ModelStats {
                     m.state,
                     RECURRENT_STATE_DTYPE_BYTES,
                 ]));
-                conv_state_bytes =
-                    conv_state_bytes.saturating_add(mul(&[channels, m.conv.saturating_sub(1), dt]));
+                conv_state_bytes = conv_state_bytes.saturating_add(mul(&[channels, m.conv.saturating_sub(1), dt]));
                 mixer_flops = mixer_flops
                     .saturating_add(mul(&[6, m.heads, m.head_dim, m.state]))
                     .saturating_add(mul(&[2, channels, m.conv]));
@@ -203,9 +196,7 @@ pub fn model_stats(spec: &ModelSpec) -> ModelStats {
         window_kv_bytes,
         recurrent_state_bytes,
         conv_state_bytes,
-        fixed_state_bytes: window_kv_bytes
-            .saturating_add(recurrent_state_bytes)
-            .saturating_add(conv_state_bytes),
+        fixed_state_bytes: window_kv_bytes.saturating_add(recurrent_state_bytes).saturating_add(conv_state_bytes),
         decode_flops_per_token: matmul_params.saturating_mul(2).saturating_add(mixer_flops),
         attention_flops_per_context_token,
         meta_tokens: spec.meta_tokens,
@@ -224,11 +215,7 @@ fn summary(op: &Operator) -> String {
                     if r.style == RopeStyle::Interleaved {
                         s += " interleaved";
                     }
-                    if let RopeScaling::Ntk {
-                        factor,
-                        original_max,
-                    } = r.scaling
-                    {
+                    if let RopeScaling::Ntk { factor, original_max } = r.scaling {
                         s += &format!(" ntk×{factor}/{original_max}");
                     }
                 }
@@ -237,11 +224,7 @@ fn summary(op: &Operator) -> String {
             if let Some(w) = a.window {
                 s += &format!(" window={w}");
             }
-            for (on, flag) in [
-                (a.qk_norm, "qk_norm"),
-                (a.qkv_bias, "qkv_bias"),
-                (a.out_bias, "out_bias"),
-            ] {
+            for (on, flag) in [(a.qk_norm, "qk_norm"), (a.qkv_bias, "qkv_bias"), (a.out_bias, "out_bias")] {
                 if on {
                     s += " ";
                     s += flag;
@@ -255,11 +238,7 @@ fn summary(op: &Operator) -> String {
                 s += &format!(" vhd={}", d.v_head_dim);
             }
             s += &format!(" conv={}", d.conv);
-            for (on, flag) in [
-                (d.gated, "gated"),
-                (d.conv_bias, "conv_bias"),
-                (!d.qk_l2norm, "no-qk-l2norm"),
-            ] {
+            for (on, flag) in [(d.gated, "gated"), (d.conv_bias, "conv_bias"), (!d.qk_l2norm, "no-qk-l2norm")] {
                 if on {
                     s += " ";
                     s += flag;
@@ -292,11 +271,7 @@ fn summary(op: &Operator) -> String {
 
 /// `1 layer`, `2 layers`.
 fn plural(n: usize, word: &str) -> String {
-    if n == 1 {
-        format!("{n} {word}")
-    } else {
-        format!("{n} {word}s")
-    }
+    if n == 1 { format!("{n} {word}") } else { format!("{n} {word}s") }
 }
 
 /// `1234567` → `1,234,567`.
@@ -337,12 +312,7 @@ fn scaled(n: u64, units: &[&str], sep: &str, decimals: fn(usize) -> usize) -> St
 
 /// Parameter counts: `596.0M`, `1.72B`.
 fn human_count(n: u64) -> String {
-    scaled(
-        n,
-        &["", "K", "M", "B", "T"],
-        "",
-        |k| if k >= 3 { 2 } else { 1 },
-    )
+    scaled(n, &["", "K", "M", "B", "T"], "", |k| if k >= 3 { 2 } else { 1 })
 }
 
 /// Bytes in decimal units: `1.19 GB`.
@@ -352,39 +322,22 @@ fn human_bytes(n: u64) -> String {
 
 /// FLOP counts in decimal units: `1.95 GFLOP`.
 fn human_flops(n: u64) -> String {
-    scaled(
-        n,
-        &["FLOP", "kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP"],
-        " ",
-        |_| 2,
-    )
+    scaled(n, &["FLOP", "kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP"], " ", |_| 2)
 }
 
 /// `596,049,920 (596.0M)`; small counts need no unit.
 fn count_with_unit(n: u64) -> String {
-    if n < 1000 {
-        thousands(n)
-    } else {
-        format!("{} ({})", thousands(n), human_count(n))
-    }
+    if n < 1000 { thousands(n) } else { format!("{} ({})", thousands(n), human_count(n)) }
 }
 
 /// `4,096 B (4.10 kB)`.
 fn bytes_with_unit(n: u64) -> String {
-    if n < 1000 {
-        format!("{n} B")
-    } else {
-        format!("{} B ({})", thousands(n), human_bytes(n))
-    }
+    if n < 1000 { format!("{n} B") } else { format!("{} B ({})", thousands(n), human_bytes(n)) }
 }
 
 /// `229,376 (229.38 kFLOP)`.
 fn flops_with_unit(n: u64) -> String {
-    if n < 1000 {
-        format!("{n} FLOP")
-    } else {
-        format!("{} ({})", thousands(n), human_flops(n))
-    }
+    if n < 1000 { format!("{n} FLOP") } else { format!("{} ({})", thousands(n), human_flops(n)) }
 }
 
 /// Renders rows as columns separated by two spaces; `right[c]` right-aligns column `c`. The last
@@ -445,11 +398,7 @@ pub fn render_info(spec: &ModelSpec, stats: &ModelStats) -> String {
         spec.hidden,
         spec.vocab,
         spec.dtype.name(),
-        if spec.tie_embeddings {
-            "tied"
-        } else {
-            "untied"
-        },
+        if spec.tie_embeddings { "tied" } else { "untied" },
         spec.max_seq,
     );
 
@@ -462,46 +411,22 @@ pub fn render_info(spec: &ModelSpec, stats: &ModelStats) -> String {
         "parameters".to_string(),
     ]];
     for l in &stats.layers {
-        let op = if l.name == l.kind {
-            l.kind.clone()
-        } else {
-            format!("{} ({})", l.name, l.kind)
-        };
-        let block = if l.blocks.is_empty() {
-            "-".to_string()
-        } else {
-            l.blocks.join("/")
-        };
-        rows.push(vec![
-            l.index.to_string(),
-            op,
-            block,
-            thousands(l.params),
-            l.summary.clone(),
-        ]);
+        let op = if l.name == l.kind { l.kind.clone() } else { format!("{} ({})", l.name, l.kind) };
+        let block = if l.blocks.is_empty() { "-".to_string() } else { l.blocks.join("/") };
+        rows.push(vec![l.index.to_string(), op, block, thousands(l.params), l.summary.clone()]);
     }
     out += &columns(&rows, &[true, false, false, true, false]);
     out.push('\n');
 
     // Totals: (label, value, note); a row with an empty value is a section heading.
-    let full_attn = spec
-        .layers
-        .iter()
-        .filter(|l| matches!(&l.op, Operator::Attention(a) if a.window.is_none()))
-        .count();
-    let window_attn = spec
-        .layers
-        .iter()
-        .filter(|l| matches!(&l.op, Operator::Attention(a) if a.window.is_some()))
-        .count();
+    let full_attn =
+        spec.layers.iter().filter(|l| matches!(&l.op, Operator::Attention(a) if a.window.is_none())).count();
+    let window_attn =
+        spec.layers.iter().filter(|l| matches!(&l.op, Operator::Attention(a) if a.window.is_some())).count();
     let attn = full_attn + window_attn;
     let dtype = spec.dtype.name();
     let dt = spec.dtype.size();
-    let embedding_note = if spec.tie_embeddings {
-        "embed (lm_head tied)"
-    } else {
-        "embed + lm_head"
-    };
+    let embedding_note = if spec.tie_embeddings { "embed (lm_head tied)" } else { "embed + lm_head" };
     let s = stats;
     let section = |label: &str| vec![label.to_string()];
     let row = |label: &str, value: String, note: String| vec![format!("  {label}"), value, note];
@@ -509,58 +434,24 @@ pub fn render_info(spec: &ModelSpec, stats: &ModelStats) -> String {
     let totals = vec![
         section("parameters"),
         row("total", count_with_unit(s.params_total), String::new()),
-        row(
-            "embedding",
-            count_with_unit(s.params_embedding),
-            embedding_note.to_string(),
-        ),
-        row(
-            "meta tokens",
-            count_with_unit(s.params_meta),
-            format!("{} × {}", s.meta_tokens, spec.hidden),
-        ),
-        row(
-            "non-embedding",
-            count_with_unit(s.params_non_embedding),
-            "layers and final norm".to_string(),
-        ),
-        row(
-            &format!("weights ({dtype})"),
-            bytes_with_unit(s.weight_bytes),
-            String::new(),
-        ),
+        row("embedding", count_with_unit(s.params_embedding), embedding_note.to_string()),
+        row("meta tokens", count_with_unit(s.params_meta), format!("{} × {}", s.meta_tokens, spec.hidden)),
+        row("non-embedding", count_with_unit(s.params_non_embedding), "layers and final norm".to_string()),
+        row(&format!("weights ({dtype})"), bytes_with_unit(s.weight_bytes), String::new()),
         section("decode state per sequence"),
         row(
             "KV per token",
             bytes_with_unit(s.kv_bytes_per_token),
-            format!(
-                "{} × 2·kv·hd × {dt} B",
-                plural(full_attn, "full-attention layer")
-            ),
+            format!("{} × 2·kv·hd × {dt} B", plural(full_attn, "full-attention layer")),
         ),
-        row(
-            "fixed state",
-            bytes_with_unit(s.fixed_state_bytes),
-            "independent of context length".to_string(),
-        ),
+        row("fixed state", bytes_with_unit(s.fixed_state_bytes), "independent of context length".to_string()),
         sub(
             "window KV",
             bytes_with_unit(s.window_kv_bytes),
-            format!(
-                "{} × min(window, max_seq) tokens",
-                plural(window_attn, "sliding-window layer")
-            ),
+            format!("{} × min(window, max_seq) tokens", plural(window_attn, "sliding-window layer")),
         ),
-        sub(
-            "recurrent",
-            bytes_with_unit(s.recurrent_state_bytes),
-            "DeltaNet and Mamba2 states, f32".to_string(),
-        ),
-        sub(
-            "conv",
-            bytes_with_unit(s.conv_state_bytes),
-            format!("(conv − 1) inputs per channel, {dtype}"),
-        ),
+        sub("recurrent", bytes_with_unit(s.recurrent_state_bytes), "DeltaNet and Mamba2 states, f32".to_string()),
+        sub("conv", bytes_with_unit(s.conv_state_bytes), format!("(conv − 1) inputs per channel, {dtype}")),
         section("decode FLOPs"),
         row(
             "per token",
@@ -570,19 +461,13 @@ pub fn render_info(spec: &ModelSpec, stats: &ModelStats) -> String {
         row(
             "per context token",
             flops_with_unit(s.attention_flops_per_context_token),
-            format!(
-                "{} × 4·heads·hd; window layers stop at the window",
-                plural(attn, "attention layer")
-            ),
+            format!("{} × 4·heads·hd; window layers stop at the window", plural(attn, "attention layer")),
         ),
         vec![
             "meta-token prefix".to_string(),
             format!("{} tokens", s.meta_tokens),
             if s.meta_tokens > 0 {
-                format!(
-                    "KV of the prefix: {}",
-                    bytes_with_unit(s.meta_tokens.saturating_mul(s.kv_bytes_per_token))
-                )
+                format!("KV of the prefix: {}", bytes_with_unit(s.meta_tokens.saturating_mul(s.kv_bytes_per_token)))
             } else {
                 String::new()
             },
@@ -618,21 +503,12 @@ mod tests {
         assert_eq!(s.conv_state_bytes, 0);
         // 2 × (28 × (q 2048·1024 + k,v 2 × 1024·1024 + o 1024·2048 + ffn 3 × 3072·1024) + lm head).
         let per_layer = 2048 * 1024 + 2 * 1024 * 1024 + 1024 * 2048 + 3 * 3072 * 1024;
-        assert_eq!(
-            s.decode_flops_per_token,
-            2 * (28 * per_layer + 151_936 * 1024)
-        );
+        assert_eq!(s.decode_flops_per_token, 2 * (28 * per_layer + 151_936 * 1024));
         assert_eq!(s.attention_flops_per_context_token, 28 * 4 * 16 * 128);
         assert_eq!(s.layers.len(), 56);
         // attention: q,k,v,o + q/k norm + layer norm.
-        assert_eq!(
-            s.layers[0].params,
-            2048 * 1024 * 2 + 2 * 1024 * 1024 + 2 * 128 + 1024
-        );
-        assert_eq!(
-            s.layers[0].summary,
-            "heads=16 kv=8 hd=128 rope θ=1000000 qk_norm"
-        );
+        assert_eq!(s.layers[0].params, 2048 * 1024 * 2 + 2 * 1024 * 1024 + 2 * 128 + 1024);
+        assert_eq!(s.layers[0].summary, "heads=16 kv=8 hd=128 rope θ=1000000 qk_norm");
         assert_eq!(s.layers[1].params, 3 * 3072 * 1024 + 1024);
         assert_eq!(s.layers[1].summary, "inner=3072 swiglu");
     }
@@ -671,17 +547,11 @@ mod tests {
         assert_eq!(s.kv_bytes_per_token, 4096);
         assert_eq!(s.window_kv_bytes, 0);
         // §8: 4 DeltaNet × [16,128,128] + 6 Mamba2 × [64,64,128], f32.
-        assert_eq!(
-            s.recurrent_state_bytes,
-            (4 * 16 * 128 * 128 + 6 * 64 * 64 * 128) * 4
-        );
+        assert_eq!(s.recurrent_state_bytes, (4 * 16 * 128 * 128 + 6 * 64 * 64 * 128) * 4);
         assert_eq!(s.recurrent_state_bytes, 16 << 20);
         // Conv states, bf16: DeltaNet 3 × 2048 channels, Mamba2 4096 + 2·128 channels, 3 inputs each.
         assert_eq!(s.conv_state_bytes, (4 * 3 * 2048 + 6 * 4352) * 3 * 2);
-        assert_eq!(
-            s.fixed_state_bytes,
-            s.recurrent_state_bytes + s.conv_state_bytes
-        );
+        assert_eq!(s.fixed_state_bytes, s.recurrent_state_bytes + s.conv_state_bytes);
 
         // Decode FLOPs: 2 × matmul weights (lm head included although tied) + mixer work.
         let matmuls = 4 * (4 * h * h + 16 * h)
@@ -689,24 +559,17 @@ mod tests {
             + 2 * (2 * h * h + 2 * 512 * h)
             + 12 * (3 * 6144 * h)
             + 131_072 * h;
-        let mixers =
-            4 * (16 * 6 * 128 * 128 + 2 * 3 * 2048 * 4) + 6 * (64 * 6 * 64 * 128 + 2 * 4352 * 4);
+        let mixers = 4 * (16 * 6 * 128 * 128 + 2 * 3 * 2048 * 4) + 6 * (64 * 6 * 64 * 128 + 2 * 4352 * 4);
         assert_eq!(s.decode_flops_per_token, 2 * matmuls + mixers);
         assert_eq!(s.decode_flops_per_token, 1_954_689_024);
         assert_eq!(s.attention_flops_per_context_token, 2 * 4 * 16 * 128);
 
         let kinds: Vec<&str> = s.layers.iter().map(|l| l.kind.as_str()).collect();
-        assert_eq!(
-            &kinds[..6],
-            &["deltanet", "ffn", "mamba2", "ffn", "attention", "ffn"]
-        );
+        assert_eq!(&kinds[..6], &["deltanet", "ffn", "mamba2", "ffn", "attention", "ffn"]);
         assert_eq!(s.layers[0].params, deltanet);
         assert_eq!(s.layers[0].summary, "heads=16 hd=128 conv=4");
         assert_eq!(s.layers[2].params, mamba2);
-        assert_eq!(
-            s.layers[2].summary,
-            "inner=4096 heads=64 hd=64 state=128 groups=1 conv=4 conv_bias"
-        );
+        assert_eq!(s.layers[2].summary, "inner=4096 heads=64 hd=64 state=128 groups=1 conv=4 conv_bias");
         assert_eq!(s.layers[4].summary, "heads=16 kv=4 hd=128 rope θ=10000");
     }
 
@@ -720,22 +583,14 @@ mod tests {
         // §8: 3 attention layers × 2 × 6 × 128 × 2 bytes = 9 KB per token.
         assert_eq!(s.kv_bytes_per_token, 9216);
         // §8: 6 DeltaNet × [24,128,128] + 9 Mamba2 × [96,64,128], f32.
-        assert_eq!(
-            s.recurrent_state_bytes,
-            (6 * 24 * 128 * 128 + 9 * 96 * 64 * 128) * 4
-        );
+        assert_eq!(s.recurrent_state_bytes, (6 * 24 * 128 * 128 + 9 * 96 * 64 * 128) * 4);
     }
 
     #[test]
     fn sliding_window_state_is_fixed() {
         // The 1FA+2SWA variant of the 3B (§6, Table 8): two of three attention layers use an 8k window.
         let mut spec = nemotron_flash_3b();
-        let attn: Vec<usize> = spec
-            .layers
-            .iter()
-            .filter(|l| l.op.kind() == "attention")
-            .map(|l| l.index)
-            .collect();
+        let attn: Vec<usize> = spec.layers.iter().filter(|l| l.op.kind() == "attention").map(|l| l.index).collect();
         assert_eq!(attn.len(), 3);
         for &i in &attn[1..] {
             if let Operator::Attention(Attention { window, .. }) = &mut spec.layers[i].op {
@@ -747,23 +602,14 @@ mod tests {
         assert_eq!(s.params_total, full.params_total);
         assert_eq!(s.kv_bytes_per_token, 2 * 6 * 128 * 2);
         assert_eq!(s.window_kv_bytes, 2 * 8192 * 2 * 6 * 128 * 2);
-        assert_eq!(
-            s.fixed_state_bytes,
-            full.fixed_state_bytes + s.window_kv_bytes
-        );
+        assert_eq!(s.fixed_state_bytes, full.fixed_state_bytes + s.window_kv_bytes);
         // Sliding-window layers still cost per cached token up to the window.
-        assert_eq!(
-            s.attention_flops_per_context_token,
-            full.attention_flops_per_context_token
-        );
+        assert_eq!(s.attention_flops_per_context_token, full.attention_flops_per_context_token);
         assert_eq!(s.decode_flops_per_token, full.decode_flops_per_token);
 
         // A window longer than the model's max_seq caches at most max_seq tokens.
         spec.max_seq = 4096;
-        assert_eq!(
-            model_stats(&spec).window_kv_bytes,
-            2 * 4096 * 2 * 6 * 128 * 2
-        );
+        assert_eq!(model_stats(&spec).window_kv_bytes, 2 * 4096 * 2 * 6 * 128 * 2);
         assert!(render_info(&spec, &s).contains("window=8192"));
     }
 
@@ -778,10 +624,7 @@ mod tests {
         assert_eq!(s.weight_bytes, 4 * s.params_total);
         assert_eq!(s.kv_bytes_per_token, 28 * 2 * 8 * 128 * 4);
         // The LM head is counted once whether tied or not.
-        assert_eq!(
-            s.decode_flops_per_token,
-            model_stats(&qwen3_0_6b()).decode_flops_per_token
-        );
+        assert_eq!(s.decode_flops_per_token, model_stats(&qwen3_0_6b()).decode_flops_per_token);
     }
 
     #[test]
@@ -804,14 +647,7 @@ mod tests {
 
     #[test]
     fn render_small_model_exactly() {
-        let mut spec = model(
-            "tiny",
-            1000,
-            64,
-            true,
-            4,
-            vec![attn_op(4, 2, 16, false, 10000.0), ffn_op(128)],
-        );
+        let mut spec = model("tiny", 1000, 64, true, 4, vec![attn_op(4, 2, 16, false, 10000.0), ffn_op(128)]);
         spec.layers[1].name = "mlp".to_string();
         spec.layers[1].blocks = vec!["blk".to_string()];
         let out = render_info(&spec, &model_stats(&spec));
