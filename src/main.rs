@@ -1,11 +1,115 @@
-fn main() {
-    let path = std::env::args().nth(1).unwrap();
-    let src = std::fs::read_to_string(&path).unwrap();
-    match flashc_dsl::load(&src) {
-        Ok((spec, w)) => {
-            print!("{}", flashc_dsl::diag::render(&path, &src, &w));
-            println!("{}", serde_json::to_string_pretty(&spec).unwrap());
-        }
-        Err(d) => print!("{}", flashc_dsl::diag::render(&path, &src, &d)),
+//! The `flashc` command line: one subcommand per user job, each a thin layer over the library crates.
+//!
+//! Exit codes: 0 success, 1 a user error (diagnostics, unreadable input, failed check), 2 bad usage
+//! (reported by clap).
+
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// flashc: compile hybrid small-language-model architectures to fused GPU kernels.
+#[derive(Parser, Debug)]
+#[command(name = "flashc", version, about, long_about = None)]
+#[command(after_help = "Examples:\n  flashc check examples/*.arch\n  flashc info examples/nemotron-flash-1b.arch\n  \
+                        flashc compile examples/tiny-hybrid.arch --emit spec")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check `.arch` files: print diagnostics, or one `ok` line per file.
+    #[command(after_help = "Example:\n  flashc check examples/*.arch")]
+    Check {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        deny_warnings: bool,
+    },
+    /// Per-layer table and totals: parameters, bytes, decode state, FLOPs per token.
+    #[command(after_help = "Examples:\n  flashc info examples/qwen3-0.6b.arch\n  \
+                            flashc info examples/nemotron-flash-1b.arch --json")]
+    Info {
+        /// The model file.
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compile a model and print (or write) one stage of the pipeline.
+    #[command(after_help = "Examples:\n  flashc compile examples/tiny-hybrid.arch --emit ast\n  \
+                            flashc compile examples/tiny-hybrid.arch --emit spec -o tiny.spec.json")]
+    Compile {
+        /// The model file.
+        file: PathBuf,
+        /// The stage to print.
+        #[arg(long, value_enum, default_value_t = Emit::Spec)]
+        emit: Emit,
+        /// Write to this file (atomically) instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Print `.arch` files in canonical form (comments kept).
+    #[command(after_help = "Examples:\n  flashc fmt model.arch\n  flashc fmt --write examples/*.arch\n  \
+                            flashc fmt --check examples/*.arch")]
+    Fmt {
+        /// Files to format.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Rewrite the files in place (atomically) instead of printing.
+        #[arg(short, long, conflicts_with = "check")]
+        write: bool,
+        /// Exit with 1 if any file is not in canonical form; change nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Write the `.arch` equivalent of a Hugging Face model directory's `config.json`.
+    #[command(name = "import-hf")]
+    #[command(after_help = "Supported model_type values: nemotron_flash, qwen3, mamba2, nemotron_h.\n\n\
+                            Example:\n  flashc import-hf ~/models/Qwen3-0.6B -o qwen3-0.6b.arch")]
+    ImportHf {
+        /// Directory holding `config.json`.
+        dir: PathBuf,
+        /// Write to this file (atomically) instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Explain a diagnostic code, or list them all.
+    #[command(after_help = "Examples:\n  flashc explain E0306\n  flashc explain")]
+    Explain {
+        /// A code such as `E0306`; omit to list every code.
+        code: Option<String>,
+    },
+}
+
+/// Pipeline stages that `compile --emit` can print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Emit {
+    /// The syntax tree, as JSON (with byte spans).
+    Ast,
+    /// The resolved `ModelSpec`, as JSON.
+    Spec,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { files, deny_warnings } => commands::check(&files, deny_warnings),
+        Command::Info { file, json } => commands::info(&file, json),
+        Command::Compile { file, emit, output } => commands::compile(&file, emit, output.as_deref()),
+        Command::Fmt { .. } => todo!(),
+        Command::ImportHf { .. } => todo!(),
+        Command::Explain { code } => commands::explain(code.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(commands::Failed) => ExitCode::FAILURE,
     }
 }

@@ -275,7 +275,7 @@ fn plural(n: usize, word: &str) -> String {
 }
 
 /// `1234567` → `1,234,567`.
-fn thousands(n: u64) -> String {
+pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let len = digits.len();
     let mut out = String::with_capacity(len + len / 3);

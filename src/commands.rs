@@ -1,0 +1,163 @@
+//! The subcommands. Each reports user errors on standard error (diagnostics rendered like rustc) and
+//! returns `Err(Failed)` so `main` exits with 1; results go to standard output or an output file.
+
+use std::fs;
+use std::path::Path;
+
+use flashc_dsl::diag::{self, Code, Diagnostic};
+use flashc_dsl::{ModelSpec, parser, resolve, stats};
+
+use crate::Emit;
+use crate::output;
+
+/// A command failed; what went wrong has been printed already.
+#[derive(Debug)]
+pub struct Failed;
+
+type CmdResult = Result<(), Failed>;
+
+/// Prints a one-line error (for failures that have no source span).
+fn fail(message: impl std::fmt::Display) -> Failed {
+    eprintln!("error: {message}");
+    Failed
+}
+
+/// Reads a model file as raw bytes (UTF-8 is checked by the parser, with a diagnostic).
+fn read(path: &Path) -> Result<Vec<u8>, Failed> {
+    fs::read(path).map_err(|e| fail(format!("cannot read `{}`: {e}", path.display())))
+}
+
+/// A model file and its front-end result.
+struct Loaded {
+    name: String,
+    source: String,
+    result: Result<(ModelSpec, Vec<Diagnostic>), Vec<Diagnostic>>,
+}
+
+fn load(path: &Path) -> Result<Loaded, Failed> {
+    let bytes = read(path)?;
+    let name = path.display().to_string();
+    let result = parser::parse_bytes(&bytes).and_then(|file| resolve::resolve(&file));
+    let source = String::from_utf8_lossy(&bytes).into_owned();
+    Ok(Loaded { name, source, result })
+}
+
+/// Loads a model, printing its warnings; on errors prints them and fails.
+fn load_spec(path: &Path) -> Result<(ModelSpec, String), Failed> {
+    let loaded = load(path)?;
+    match loaded.result {
+        Ok((spec, warnings)) => {
+            eprint!("{}", diag::render(&loaded.name, &loaded.source, &warnings));
+            Ok((spec, loaded.source))
+        }
+        Err(diags) => {
+            report(&loaded.name, &loaded.source, &diags);
+            Err(Failed)
+        }
+    }
+}
+
+fn report(name: &str, source: &str, diags: &[Diagnostic]) {
+    eprint!("{}", diag::render(name, source, diags));
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    let warnings = diags.len() - errors;
+    let plural = |n: usize, w: &str| if n == 1 { format!("1 {w}") } else { format!("{n} {w}s") };
+    if warnings > 0 {
+        eprintln!("error: `{name}` has {} and {}", plural(errors, "error"), plural(warnings, "warning"));
+    } else {
+        eprintln!("error: `{name}` has {}", plural(errors, "error"));
+    }
+}
+
+pub fn check(files: &[std::path::PathBuf], deny_warnings: bool) -> CmdResult {
+    let mut ok = true;
+    for path in files {
+        let Ok(loaded) = load(path) else {
+            ok = false;
+            continue;
+        };
+        match loaded.result {
+            Ok((spec, warnings)) if !(deny_warnings && !warnings.is_empty()) => {
+                eprint!("{}", diag::render(&loaded.name, &loaded.source, &warnings));
+                let s = stats::model_stats(&spec);
+                println!(
+                    "ok: {} (model {}, {} layers, {} parameters)",
+                    loaded.name,
+                    spec.name,
+                    spec.layers.len(),
+                    stats::thousands(s.params_total)
+                );
+            }
+            Ok((_, warnings)) => {
+                report(&loaded.name, &loaded.source, &warnings);
+                ok = false;
+            }
+            Err(diags) => {
+                report(&loaded.name, &loaded.source, &diags);
+                ok = false;
+            }
+        }
+    }
+    if ok { Ok(()) } else { Err(Failed) }
+}
+
+pub fn info(file: &Path, json: bool) -> CmdResult {
+    let (spec, _) = load_spec(file)?;
+    let s = stats::model_stats(&spec);
+    let text = if json {
+        let mut t = serde_json::to_string_pretty(&s).map_err(|e| fail(format!("cannot serialise: {e}")))?;
+        t.push('\n');
+        t
+    } else {
+        stats::render_info(&spec, &s)
+    };
+    output::emit(&text, None).map_err(|e| fail(format!("cannot write output: {e}")))
+}
+
+pub fn compile(file: &Path, emit: Emit, out: Option<&Path>) -> CmdResult {
+    let text = match emit {
+        Emit::Ast => {
+            let bytes = read(file)?;
+            let name = file.display().to_string();
+            match parser::parse_bytes(&bytes) {
+                Ok(ast) => to_json(&ast)?,
+                Err(diags) => {
+                    report(&name, &String::from_utf8_lossy(&bytes), &diags);
+                    return Err(Failed);
+                }
+            }
+        }
+        Emit::Spec => {
+            let (spec, _) = load_spec(file)?;
+            to_json(&spec)?
+        }
+    };
+    let dest = out.map(|p| p.display().to_string());
+    output::emit(&text, out).map_err(|e| {
+        fail(format!("cannot write `{}`: {e}", dest.unwrap_or_else(|| "standard output".to_string())))
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Failed> {
+    let mut t = serde_json::to_string_pretty(value).map_err(|e| fail(format!("cannot serialise: {e}")))?;
+    t.push('\n');
+    Ok(t)
+}
+
+pub fn explain(code: Option<&str>) -> CmdResult {
+    match code {
+        None => {
+            for c in Code::ALL {
+                println!("{c}  {}", c.summary());
+            }
+            Ok(())
+        }
+        Some(wanted) => match Code::ALL.iter().find(|c| c.as_str().eq_ignore_ascii_case(wanted)) {
+            Some(c) => {
+                println!("{c}: {}", c.summary());
+                Ok(())
+            }
+            None => Err(fail(format!("no diagnostic code `{wanted}`; `flashc explain` lists them all"))),
+        },
+    }
+}
