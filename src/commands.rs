@@ -77,7 +77,7 @@ pub fn check(files: &[std::path::PathBuf], deny_warnings: bool) -> CmdResult {
             continue;
         };
         match loaded.result {
-            Ok((spec, warnings)) if !(deny_warnings && !warnings.is_empty()) => {
+            Ok((spec, warnings)) if !deny_warnings || warnings.is_empty() => {
                 eprint!("{}", diag::render(&loaded.name, &loaded.source, &warnings));
                 let s = stats::model_stats(&spec);
                 println!(
@@ -133,9 +133,8 @@ pub fn compile(file: &Path, emit: Emit, out: Option<&Path>) -> CmdResult {
         }
     };
     let dest = out.map(|p| p.display().to_string());
-    output::emit(&text, out).map_err(|e| {
-        fail(format!("cannot write `{}`: {e}", dest.unwrap_or_else(|| "standard output".to_string())))
-    })
+    output::emit(&text, out)
+        .map_err(|e| fail(format!("cannot write `{}`: {e}", dest.unwrap_or_else(|| "standard output".to_string()))))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Failed> {

@@ -279,6 +279,8 @@ fn build_chain(pair: Pair<'_, Rule>) -> Result<Expr, Vec<Diagnostic>> {
     Ok(acc)
 }
 
+const ITEM_WORDS: &str = "a setting, `let`, `op` or `block`";
+
 /// What a grammar rule means to a user, or `None` for rules that should not be mentioned.
 fn rule_words(rule: Rule) -> Option<&'static str> {
     Some(match rule {
@@ -311,28 +313,77 @@ fn rule_words(rule: Rule) -> Option<&'static str> {
 }
 
 fn syntax_error(source: &str, err: &pest::error::Error<Rule>) -> Diagnostic {
-    let pos = match err.location {
+    let mut pos = match err.location {
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
     };
     let mut expected: BTreeSet<String> = BTreeSet::new();
-    if let ErrorVariant::ParsingError { positives, .. } = &err.variant {
-        for r in positives {
-            if let Some(w) = rule_words(*r) {
-                expected.insert(w.to_string());
+    let add_rule = |set: &mut BTreeSet<String>, r: Rule| {
+        if let Some(w) = rule_words(r) {
+            set.insert(w.to_string());
+        }
+    };
+    // The deepest position any rule reached is where the text stopped making sense; pest's own
+    // location is often the start of the enclosing item.
+    match err.parse_attempts() {
+        Some(attempts) if attempts.max_position >= pos => {
+            pos = attempts.max_position;
+            for stack in attempts.call_stacks() {
+                // A failed token is listed from `expected_tokens`; its parent rule would add noise.
+                if let Some(r) = stack.deepest.get_rule() {
+                    add_rule(&mut expected, *r);
+                }
+            }
+            for tok in attempts.expected_tokens() {
+                // Literal tokens display as themselves. Keywords, character ranges and built-in rules
+                // are covered by the rule words, so only punctuation is listed.
+                let text = tok.to_string();
+                let t = text.trim();
+                let punctuation = t.chars().all(|c| c.is_ascii_punctuation()) && !t.contains("..");
+                if !t.is_empty() && punctuation {
+                    expected.insert(format!("`{t}`"));
+                }
+            }
+        }
+        _ => {
+            if let ErrorVariant::ParsingError { positives, .. } = &err.variant {
+                for r in positives {
+                    add_rule(&mut expected, *r);
+                }
             }
         }
     }
-    if let Some(attempts) = err.parse_attempts() {
-        for tok in attempts.expected_tokens() {
-            // Literal tokens display as themselves. Keywords, character ranges and built-in rules are
-            // covered by the rule words above, so only punctuation is listed.
-            let text = tok.to_string();
-            let t = text.trim();
-            let punctuation = t.chars().all(|c| c.is_ascii_punctuation()) && !t.contains("..");
-            if !t.is_empty() && punctuation {
-                expected.insert(format!("`{t}`"));
+    // Comments, the insides of names and numbers, and operators that could continue a complete value
+    // are always possible; listing them only hides what is actually missing.
+    for noise in ["`//`", "`/*`", "`_`", "`.`"] {
+        expected.remove(noise);
+    }
+    let operators = ["`+`", "`-`", "`*`", "`/`", "`++`"];
+    if expected.iter().any(|e| !operators.contains(&e.as_str())) {
+        for op in operators {
+            expected.remove(op);
+        }
+    }
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let prev = source.get(..pos).and_then(|b| b.chars().next_back());
+    if expected.contains(ITEM_WORDS) || prev.is_some_and(is_word) {
+        // Right after a name or number, "a name" or "a value" only means the word could be longer.
+        expected.remove("a name");
+    }
+    if prev.is_some_and(is_word) && expected.len() > 1 {
+        expected.remove("a value");
+    }
+    if expected.contains("`}`") {
+        // Inside a model another `model` cannot start.
+        expected.remove("`model`");
+    }
+    // An error inside a word (`12ab`) is reported at the start of the word.
+    if prev.is_some_and(is_word) && source.get(pos..).and_then(|r| r.chars().next()).is_some_and(is_word) {
+        while let Some(c) = source.get(..pos).and_then(|b| b.chars().next_back()) {
+            if !is_word(c) {
+                break;
             }
+            pos -= c.len_utf8();
         }
     }
     let found = found_token(source, pos);
@@ -344,7 +395,7 @@ fn syntax_error(source: &str, err: &pest::error::Error<Rule>) -> Diagnostic {
     };
     let end = (pos + token_len(source, pos)).min(source.len());
     let mut d = Diagnostic::error(Code::Syntax, Span::new(pos, end), message).with_label("unexpected here");
-    if let Some(h) = syntax_help(source, pos) {
+    if let Some(h) = syntax_help(source, pos, &list) {
         d = d.with_help(h);
     }
     d
@@ -366,20 +417,29 @@ fn found_token(source: &str, pos: usize) -> String {
     }
 }
 
-/// A hint for common slips, looking at the text around the error.
-fn syntax_help(source: &str, pos: usize) -> Option<String> {
+/// A hint for common slips, looking at the text around the error and at what was expected.
+fn syntax_help(source: &str, pos: usize, expected: &[String]) -> Option<String> {
     let rest = source.get(pos..).unwrap_or("");
-    let before = source.get(..pos).unwrap_or("").trim_end();
+    let word: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
     if rest.starts_with(':') {
         return Some("settings and parameters use `=`, as in `hidden = 2048`".to_string());
     }
     if rest.starts_with(';') {
         return Some("items need no `;`: put each on its own line".to_string());
     }
-    if before.ends_with(',') && (rest.starts_with(',') || rest.starts_with(')') || rest.starts_with(']')) {
-        return None;
+    if word.starts_with(|c: char| c.is_ascii_digit()) && word.contains(|c: char| c.is_ascii_alphabetic()) {
+        return Some("a number cannot run into letters; put a space or an operator between them".to_string());
     }
-    if rest.is_empty() {
+    if rest.starts_with('"') && !rest.lines().next().unwrap_or("").get(1..).unwrap_or("").contains('"') {
+        return Some("this string is not closed on its line".to_string());
+    }
+    if expected.iter().any(|e| e == "`,`") && !word.is_empty() {
+        return Some(format!("separate arguments and list elements with `,`: add one before `{word}`"));
+    }
+    if rest.starts_with('}') && expected.iter().any(|e| e == "`model`") {
+        return Some("this `}` has no matching `{`".to_string());
+    }
+    if rest.trim().is_empty() {
         let opens = source.matches('{').count();
         let closes = source.matches('}').count();
         if opens > closes {

@@ -18,6 +18,9 @@ use crate::spec::{
     RopeScaling, RopeStyle, Schedule, Train, WeightNorm,
 };
 
+/// Largest accepted size (width, head count, vocabulary, ...).
+pub const MAX_SIZE: u64 = 1 << 32;
+
 /// Most layers a stack may expand to (and most elements of any list value).
 pub const MAX_LAYERS: usize = 65_536;
 
@@ -411,12 +414,13 @@ impl<'a> Resolver<'a> {
             )
             .with_label("this definition depends on itself")
             .with_note(format!("the cycle is {}", cycle.join(" -> ")));
-            for (n, span) in self.visiting[pos + 1..].to_vec() {
-                d = d.with_secondary(span, format!("`{n}` is part of the cycle"));
+            for (n, span) in &self.visiting[pos + 1..] {
+                d = d.with_secondary(*span, format!("`{n}` is part of the cycle"));
             }
             self.err(d);
             // Poison every name on the cycle so the cycle is reported once.
-            for (n, _) in self.visiting[pos..].to_vec() {
+            let names: Vec<String> = self.visiting[pos..].iter().map(|(n, _)| n.clone()).collect();
+            for n in names {
                 self.cache.insert(n, None);
             }
             return None;
@@ -518,7 +522,7 @@ impl<'a> Resolver<'a> {
 
     fn overflow<T>(&mut self, span: Span) -> Option<T> {
         self.err(
-            Diagnostic::error(Code::Overflow, span, "this number is too large")
+            Diagnostic::error(Code::Overflow, span, "this value is too large")
                 .with_label("out of range")
                 .with_note("integers must fit in 64 bits and floats must be finite"),
         );
@@ -642,10 +646,10 @@ impl<'a> Resolver<'a> {
                         if b == 0 {
                             return self.div_zero(rs);
                         }
-                        if a % b == 0 {
-                            a.checked_div(b)
-                        } else {
-                            return Some(Float(a as f64 / b as f64));
+                        match a.checked_rem(b) {
+                            Some(0) => a.checked_div(b),
+                            Some(_) => return Some(Float(a as f64 / b as f64)),
+                            None => None,
                         }
                     }
                     BinOp::Concat => None,
@@ -766,6 +770,20 @@ impl<'a> Resolver<'a> {
         Some(i as u64)
     }
 
+    /// A size (a width, a count of heads, tokens or layers): at least `min` and at most `MAX_SIZE`.
+    fn want_size(&mut self, v: &Value, span: Span, what: &str, min: i64) -> Option<u64> {
+        let n = self.want_int_min(v, span, what, min)?;
+        if n > MAX_SIZE {
+            self.err(
+                Diagnostic::error(Code::OutOfRange, span, format!("{what} is too large ({n})"))
+                    .with_label(format!("at most {MAX_SIZE}"))
+                    .with_note("sizes are limited to 2^32 so every derived size fits in 64 bits"),
+            );
+            return None;
+        }
+        Some(n)
+    }
+
     fn want_float(&mut self, v: &Value, span: Span, what: &str) -> Option<f64> {
         match v {
             Value::Int(i) => Some(*i as f64),
@@ -873,7 +891,7 @@ impl<'a> Resolver<'a> {
 
     fn setting_int(&mut self, key: &str, model: &Model, min: i64, default: Option<u64>) -> Option<u64> {
         match self.setting(key) {
-            Some((v, span, _)) => self.want_int_min(&v, span, &format!("`{key}`"), min),
+            Some((v, span, _)) => self.want_size(&v, span, &format!("`{key}`"), min),
             None if self.defs.contains_key(key) => None,
             None => {
                 if default.is_none() {
@@ -1024,7 +1042,7 @@ impl<'a> Resolver<'a> {
         let heads_span = a.span_of("heads").unwrap_or(call.span);
         let kv_heads = a.pos_int(self, "kv_heads", heads);
         let head_dim = match a.take("head_dim") {
-            Some(v) => self.want_int_min(&v.value, v.span, "`head_dim`", 1),
+            Some(v) => self.want_size(&v.value, v.span, "`head_dim`", 1),
             None => heads.and_then(|h| self.default_head_dim(h, heads_span, "attention")),
         };
         let rope = match a.take("rope") {
@@ -1145,7 +1163,7 @@ impl<'a> Resolver<'a> {
         let heads = a.pos_int(self, "heads", None);
         let heads_span = a.span_of("heads").unwrap_or(call.span);
         let head_dim = match a.take("head_dim") {
-            Some(v) => self.want_int_min(&v.value, v.span, "`head_dim`", 1),
+            Some(v) => self.want_size(&v.value, v.span, "`head_dim`", 1),
             None => heads.and_then(|h| self.default_head_dim(h, heads_span, "deltanet")),
         };
         let v_head_dim = a.pos_int(self, "v_head_dim", head_dim);
@@ -1197,7 +1215,7 @@ impl<'a> Resolver<'a> {
                 );
                 None
             }
-            (None, Some(i)) => self.want_int_min(&i.value, i.span, "`inner`", 1),
+            (None, Some(i)) => self.want_size(&i.value, i.span, "`inner`", 1),
             (e, None) => {
                 let (ev, espan) = match e {
                     Some(e) => (e.value, e.span),
@@ -1226,6 +1244,16 @@ impl<'a> Resolver<'a> {
                                 )
                                 .with_label("gives a fractional inner width")
                                 .with_help("give `inner` explicitly"),
+                            );
+                            None
+                        } else if inner > MAX_SIZE as f64 {
+                            self.err(
+                                Diagnostic::error(
+                                    Code::OutOfRange,
+                                    espan,
+                                    format!("`expand` × `hidden` is too large ({inner})"),
+                                )
+                                .with_label(format!("the inner width must be at most {MAX_SIZE}")),
                             );
                             None
                         } else {
@@ -1778,7 +1806,7 @@ impl Args {
 
     fn pos_int(&mut self, r: &mut Resolver<'_>, name: &str, default: Option<u64>) -> Option<u64> {
         match self.take(name) {
-            Some(v) => r.want_int_min(&v.value, v.span, &format!("`{name}`"), 1),
+            Some(v) => r.want_size(&v.value, v.span, &format!("`{name}`"), 1),
             None => {
                 if default.is_none() {
                     self.missing(r, name);
