@@ -10,4 +10,5 @@
 //! - resolving the same text twice gives identical specs (no hash-order dependence).
 
 pub mod diag;
+pub mod import_hf;
 pub mod spec;
