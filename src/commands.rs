@@ -160,3 +160,19 @@ pub fn explain(code: Option<&str>) -> CmdResult {
         },
     }
 }
+
+pub fn import_hf(dir: &Path, out: Option<&Path>) -> CmdResult {
+    let text = flashc_dsl::import_hf::import_dir(dir).map_err(|e| fail(e))?;
+    // The importer's output must itself be a valid model: check it before writing anything.
+    if let Err(diags) = flashc_dsl::load(&text) {
+        eprint!("{}", diag::render("<imported>", &text, &diags));
+        return Err(fail(format!(
+            "internal error: the model imported from `{}` does not check; please report this",
+            dir.display()
+        )));
+    }
+    let dest = out.map(|p| p.display().to_string());
+    output::emit(&text, out).map_err(|e| {
+        fail(format!("cannot write `{}`: {e}", dest.unwrap_or_else(|| "standard output".to_string())))
+    })
+}

@@ -105,7 +105,7 @@ fn main() -> ExitCode {
         Command::Info { file, json } => commands::info(&file, json),
         Command::Compile { file, emit, output } => commands::compile(&file, emit, output.as_deref()),
         Command::Fmt { .. } => todo!(),
-        Command::ImportHf { .. } => todo!(),
+        Command::ImportHf { dir, output } => commands::import_hf(&dir, output.as_deref()),
         Command::Explain { code } => commands::explain(code.as_deref()),
     };
     match result {

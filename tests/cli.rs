@@ -1,0 +1,137 @@
+//! End-to-end tests of the `flashc` binary: exit codes, output streams, files written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn flashc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flashc"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run flashc")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flashc-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn examples() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"))
+        .expect("examples/")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "arch"))
+        .map(|p| format!("examples/{}", p.file_name().unwrap_or_default().to_string_lossy()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn check_accepts_every_example() {
+    let ex = examples();
+    assert!(ex.len() >= 2);
+    let args: Vec<&str> = std::iter::once("check").chain(ex.iter().map(String::as_str)).collect();
+    let out = flashc(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok: ")).count(), ex.len(), "{stdout}");
+}
+
+#[test]
+fn check_reports_errors_and_exits_1() {
+    let dir = scratch("check");
+    let bad = dir.join("bad.arch");
+    std::fs::write(&bad, "model m {\n  vocab = 10\n  hidden = 64\n  op A = attention(heads = 4, kv_heads = 3)\n  layers = [A]\n}\n")
+        .unwrap();
+    let out = flashc(&["check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("error[E0306]"), "{err}");
+    assert!(err.contains("bad.arch:4:"), "{err}");
+    assert!(text(&out.stdout).is_empty());
+    // A missing file is an error, not a panic.
+    let out = flashc(&["check", "no/such/file.arch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn info_reports_exact_parameter_counts() {
+    for (file, total) in [("examples/qwen3-0.6b.arch", "596,049,920"), ("examples/qwen3-1.7b.arch", "1,720,574,976")] {
+        if !Path::new(env!("CARGO_MANIFEST_DIR")).join(file).exists() {
+            continue;
+        }
+        let out = flashc(&["info", file]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains(total), "{file}: {}", text(&out.stdout));
+    }
+    let out = flashc(&["info", "examples/nemotron-flash-1b.arch", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let total = v["params_total"].as_u64().expect("params_total");
+    assert!((total as f64 - 0.965e9).abs() / 0.965e9 < 0.005, "{total}");
+}
+
+#[test]
+fn compile_emits_stages_and_writes_atomically() {
+    let out = flashc(&["compile", "examples/nemotron-flash-1b.arch", "--emit", "ast"]);
+    assert!(out.status.success());
+    let ast: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ast json");
+    assert_eq!(ast["models"][0]["name"]["name"], "nemotron_flash_1b");
+
+    let dir = scratch("compile");
+    let dest = dir.join("spec.json");
+    let out = flashc(&["compile", "examples/nemotron-flash-1b.arch", "--emit", "spec", "-o", dest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dest).unwrap()).unwrap();
+    assert_eq!(spec["layers"].as_array().map(Vec::len), Some(24));
+    // Byte-identical output for the same input.
+    let again = flashc(&["compile", "examples/nemotron-flash-1b.arch", "--emit", "spec"]);
+    assert_eq!(again.stdout, std::fs::read(&dest).unwrap());
+    // Nothing else (no temp file) is left behind.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    // A failing compile leaves an existing output untouched.
+    let bad = dir.join("bad.arch");
+    std::fs::write(&bad, "model m { vocab = 1 }").unwrap();
+    let out = flashc(&["compile", bad.to_str().unwrap(), "--emit", "spec", "-o", dest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read(&dest).unwrap(), again.stdout);
+}
+
+#[test]
+fn import_hf_writes_a_checkable_model() {
+    let dir = scratch("import");
+    let dest = dir.join("qwen.arch");
+    let out = flashc(&["import-hf", "tests/hf/qwen3-0.6b", "-o", dest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = flashc(&["info", dest.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["params_total"].as_u64(), Some(596_049_920));
+
+    let out = flashc(&["import-hf", "tests/hf/bad-llama"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("unsupported model_type \"llama\""), "{}", text(&out.stderr));
+    let out = flashc(&["import-hf", "no/such/dir"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn explain_and_help() {
+    let out = flashc(&["explain", "E0306"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("kv_heads does not divide heads"));
+    assert_eq!(flashc(&["explain", "E9999"]).status.code(), Some(1));
+    for cmd in ["check", "info", "compile", "fmt", "import-hf", "explain"] {
+        let out = flashc(&[cmd, "--help"]);
+        assert!(out.status.success(), "{cmd}");
+        assert!(text(&out.stdout).contains("Example"), "{cmd} --help has no example");
+    }
+}
