@@ -17,3 +17,6 @@
 //!
 //! The graph IR, lowering and passes arrive with the graph-IR work; the crate exists now so the
 //! workspace shows the whole pipeline.
+
+pub mod gir;
+pub mod verify;

@@ -517,24 +517,25 @@ impl Op {
         matches!(self, Op::Reshape { .. })
     }
 
-    /// `(operand, result)` when the op updates an operand in place: the result is the new version of
-    /// that operand and shares its storage.
-    pub fn in_place(&self, operands: usize) -> Option<(usize, usize)> {
+    /// The `(operand, result)` pairs of in-place updates: each such result is the new version of that
+    /// operand and shares its storage. A fused node updates what its body updates.
+    pub fn in_place(&self, operands: usize) -> Vec<(usize, usize)> {
         match self {
-            Op::KvWrite => Some((0, 0)),
-            Op::Conv1dUpdate { .. } => Some((2, 1)),
-            Op::Conv1d { .. } => Some((2, 1)),
-            Op::SsdStep => Some((6, 1)),
-            Op::SsdScan { .. } => Some((6, 1)),
-            Op::DeltaStep { .. } | Op::DeltaScan { .. } => Some((operands.checked_sub(1 + usize::from(matches!(self, Op::DeltaScan { .. })))?, 1)),
-            _ => None,
+            Op::KvWrite => vec![(0, 0)],
+            Op::Conv1d { .. } | Op::Conv1dUpdate { .. } => vec![(2, 1)],
+            Op::SsdScan { .. } | Op::SsdStep => vec![(6, 1)],
+            // The state is the last operand of a step and the one before `lens` of a scan.
+            Op::DeltaStep { .. } => operands.checked_sub(1).map(|i| vec![(i, 1)]).unwrap_or_default(),
+            Op::DeltaScan { .. } => operands.checked_sub(2).map(|i| vec![(i, 1)]).unwrap_or_default(),
+            Op::Fused(body) => body.graph.param_updates(),
+            _ => Vec::new(),
         }
     }
 
     /// Whether two ops compute the same function of the same operands (for CSE). Leaves and in-place
     /// updates are never merged.
     pub fn cse_key(&self) -> Option<String> {
-        if self.is_leaf() || self.in_place(usize::MAX).is_some() || matches!(self, Op::Fused(_)) {
+        if self.is_leaf() || !self.in_place(usize::MAX).is_empty() || matches!(self, Op::Fused(_)) {
             return None;
         }
         let attrs: Vec<String> = self.attrs().iter().map(|(k, v)| format!("{k}={v}")).collect();
