@@ -172,7 +172,46 @@ pub fn import_hf(dir: &Path, out: Option<&Path>) -> CmdResult {
         )));
     }
     let dest = out.map(|p| p.display().to_string());
-    output::emit(&text, out).map_err(|e| {
-        fail(format!("cannot write `{}`: {e}", dest.unwrap_or_else(|| "standard output".to_string())))
-    })
+    output::emit(&text, out)
+        .map_err(|e| fail(format!("cannot write `{}`: {e}", dest.unwrap_or_else(|| "standard output".to_string()))))
+}
+
+pub fn fmt(files: &[std::path::PathBuf], write: bool, check: bool) -> CmdResult {
+    let mut ok = true;
+    for path in files {
+        let bytes = read(path)?;
+        let name = path.display().to_string();
+        let source = match std::str::from_utf8(&bytes) {
+            Ok(s) => s,
+            Err(_) => {
+                let diags = parser::parse_bytes(&bytes).err().unwrap_or_default();
+                report(&name, &String::from_utf8_lossy(&bytes), &diags);
+                ok = false;
+                continue;
+            }
+        };
+        let formatted = match flashc_dsl::fmt::format_source(source) {
+            Ok(f) => f,
+            Err(diags) => {
+                report(&name, source, &diags);
+                ok = false;
+                continue;
+            }
+        };
+        if check {
+            if formatted != source {
+                eprintln!("`{name}` is not formatted (run `flashc fmt --write {name}`)");
+                ok = false;
+            }
+        } else if write {
+            if formatted != source {
+                output::write_atomic(path, formatted.as_bytes())
+                    .map_err(|e| fail(format!("cannot write `{name}`: {e}")))?;
+                println!("formatted {name}");
+            }
+        } else {
+            output::emit(&formatted, None).map_err(|e| fail(format!("cannot write output: {e}")))?;
+        }
+    }
+    if ok { Ok(()) } else { Err(Failed) }
 }

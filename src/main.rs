@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         Command::Check { files, deny_warnings } => commands::check(&files, deny_warnings),
         Command::Info { file, json } => commands::info(&file, json),
         Command::Compile { file, emit, output } => commands::compile(&file, emit, output.as_deref()),
-        Command::Fmt { .. } => todo!(),
+        Command::Fmt { files, write, check } => commands::fmt(&files, write, check),
         Command::ImportHf { dir, output } => commands::import_hf(&dir, output.as_deref()),
         Command::Explain { code } => commands::explain(code.as_deref()),
     };

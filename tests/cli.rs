@@ -49,8 +49,11 @@ fn check_accepts_every_example() {
 fn check_reports_errors_and_exits_1() {
     let dir = scratch("check");
     let bad = dir.join("bad.arch");
-    std::fs::write(&bad, "model m {\n  vocab = 10\n  hidden = 64\n  op A = attention(heads = 4, kv_heads = 3)\n  layers = [A]\n}\n")
-        .unwrap();
+    std::fs::write(
+        &bad,
+        "model m {\n  vocab = 10\n  hidden = 64\n  op A = attention(heads = 4, kv_heads = 3)\n  layers = [A]\n}\n",
+    )
+    .unwrap();
     let out = flashc(&["check", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);

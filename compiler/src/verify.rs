@@ -51,7 +51,11 @@ fn check(g: &Graph, is_body: bool, ctx: &str, errs: &mut Vec<String>) {
         let mut ok = true;
         for (i, (slot, v)) in slots.iter().enumerate() {
             if *slot as usize != i {
-                err(errs, Some(n), format!("operand slots are not 0..{}: found slot {slot} at position {i}", slots.len()));
+                err(
+                    errs,
+                    Some(n),
+                    format!("operand slots are not 0..{}: found slot {slot} at position {i}", slots.len()),
+                );
                 ok = false;
                 break;
             }
@@ -71,9 +75,15 @@ fn check(g: &Graph, is_body: bool, ctx: &str, errs: &mut Vec<String>) {
             Ok(types) => {
                 let want: Vec<String> = types.iter().map(ToString::to_string).collect();
                 let have: Vec<String> = node.types.iter().map(ToString::to_string).collect();
-                err(errs, 
+                err(
+                    errs,
                     Some(n),
-                    format!("`{}` should have type ({}), but is typed ({})", node.op.name(), want.join(", "), have.join(", ")),
+                    format!(
+                        "`{}` should have type ({}), but is typed ({})",
+                        node.op.name(),
+                        want.join(", "),
+                        have.join(", ")
+                    ),
                 );
             }
             Err(e) => err(errs, Some(n), format!("`{}`: {e}", node.op.name())),
@@ -147,11 +157,16 @@ fn check(g: &Graph, is_body: bool, ctx: &str, errs: &mut Vec<String>) {
                 continue;
             }
             if g.is_output(v) {
-                err(errs, Some(n), format!("{v} is updated in place by {n} but is also a graph output (a stale version)"));
+                err(
+                    errs,
+                    Some(n),
+                    format!("{v} is updated in place by {n} but is also a graph output (a stale version)"),
+                );
             }
             for (user, _) in g.users(v) {
                 if user != n && !g.reaches(user, n) {
-                    err(errs, 
+                    err(
+                        errs,
                         Some(n),
                         format!("{user} reads {v} but is not ordered before {n}, which updates it in place"),
                     );

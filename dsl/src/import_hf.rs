@@ -25,8 +25,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::spec::{
-    Activation, Attention, DType, DeltaNet, Ffn, Logits, Mamba2, Operator, Rope, RopeScaling,
-    RopeStyle,
+    Activation, Attention, DType, DeltaNet, Ffn, Logits, Mamba2, Operator, Rope, RopeScaling, RopeStyle,
 };
 
 /// The largest number of flashc layers an import may produce.
@@ -41,10 +40,7 @@ pub struct ImportError {
 
 impl ImportError {
     fn new(file: &str, message: String) -> Self {
-        ImportError {
-            file: file.to_string(),
-            message,
-        }
+        ImportError { file: file.to_string(), message }
     }
 
     /// The file the error is about (`config.json`, or the full path for [`import_dir`]).
@@ -71,11 +67,7 @@ impl std::error::Error for ImportError {}
 /// A `model_name` that is already an identifier (`[A-Za-z_][A-Za-z0-9_]*`) is used as is; any other
 /// name is normalised as directory names are (see [`import_dir`]). Errors name `config.json`.
 pub fn import_config(config_json: &str, model_name: &str) -> Result<String, ImportError> {
-    let ident = if is_identifier(model_name) {
-        model_name.to_string()
-    } else {
-        model_identifier(model_name)
-    };
+    let ident = if is_identifier(model_name) { model_name.to_string() } else { model_identifier(model_name) };
     convert(config_json, model_name, &ident).map_err(|m| ImportError::new("config.json", m))
 }
 
@@ -85,8 +77,8 @@ pub fn import_config(config_json: &str, model_name: &str) -> Result<String, Impo
 pub fn import_dir(dir: &Path) -> Result<String, ImportError> {
     let path = dir.join("config.json");
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| ImportError::new(&file, format!("cannot read the file: {e}")))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| ImportError::new(&file, format!("cannot read the file: {e}")))?;
     let title = directory_title(dir);
     convert(&text, &title, &model_identifier(&title)).map_err(|m| ImportError::new(&file, m))
 }
@@ -103,25 +95,15 @@ fn directory_title(dir: &Path) -> String {
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     match chars.next() {
-        Some(c) if c.is_ascii_alphabetic() || c == '_' => {
-            chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        }
+        Some(c) if c.is_ascii_alphabetic() || c == '_' => chars.all(|c| c.is_ascii_alphanumeric() || c == '_'),
         _ => false,
     }
 }
 
 /// Lowercase; non-alphanumerics become `_`; a leading digit gets an `m_` prefix; empty becomes `model`.
 fn model_identifier(name: &str) -> String {
-    let mut id: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let mut id: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
     if id.is_empty() {
         id = "model".to_string();
     }
@@ -135,18 +117,11 @@ type Res<T> = Result<T, String>;
 
 fn convert(text: &str, title: &str, ident: &str) -> Res<String> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let value: Value = serde_json::from_str(&rewrite_non_finite(text))
-        .map_err(|e| format!("not valid JSON: {e}"))?;
+    let value: Value = serde_json::from_str(&rewrite_non_finite(text)).map_err(|e| format!("not valid JSON: {e}"))?;
     let Some(map) = value.as_object() else {
-        return Err(format!(
-            "expected a JSON object at the top level, found {}",
-            kind_of(&value)
-        ));
+        return Err(format!("expected a JSON object at the top level, found {}", kind_of(&value)));
     };
-    let cfg = Obj {
-        map,
-        path: String::new(),
-    };
+    let cfg = Obj { map, path: String::new() };
     let model_type = cfg.req_str("model_type")?;
     let mut defaults = Defaults::default();
     let model = match model_type {
@@ -164,10 +139,7 @@ fn convert(text: &str, title: &str, ident: &str) -> Res<String> {
         return Err("the model has no layers".to_string());
     }
     if model.layers.len() > MAX_LAYERS {
-        return Err(format!(
-            "the model has {} layers; at most {MAX_LAYERS} are supported",
-            model.layers.len()
-        ));
+        return Err(format!("the model has {} layers; at most {MAX_LAYERS} are supported", model.layers.len()));
     }
     Ok(render(&model, title, ident, model_type, &defaults))
 }
@@ -271,11 +243,7 @@ impl<'a> Obj<'a> {
     }
 
     fn wrong(&self, key: &str, want: &str, found: &Value) -> String {
-        format!(
-            "key {:?} must be {want}, found {}",
-            self.name(key),
-            kind_of(found)
-        )
+        format!("key {:?} must be {want}, found {}", self.name(key), kind_of(found))
     }
 
     fn missing(&self, key: &str) -> String {
@@ -285,10 +253,7 @@ impl<'a> Obj<'a> {
     fn u64(&self, key: &str) -> Res<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
         }
     }
 
@@ -311,9 +276,7 @@ impl<'a> Obj<'a> {
     fn float(&self, key: &str) -> Res<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => as_float(v)
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a number", v)),
+            Some(v) => as_float(v).map(Some).ok_or_else(|| self.wrong(key, "a number", v)),
         }
     }
 
@@ -331,20 +294,14 @@ impl<'a> Obj<'a> {
     fn bool(&self, key: &str) -> Res<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "true or false", v)),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong(key, "true or false", v)),
         }
     }
 
     fn str(&self, key: &str) -> Res<Option<&'a str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a string", v)),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong(key, "a string", v)),
         }
     }
 
@@ -355,10 +312,7 @@ impl<'a> Obj<'a> {
     fn array(&self, key: &str) -> Res<Option<&'a Vec<Value>>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "an array", v)),
+            Some(v) => v.as_array().map(Some).ok_or_else(|| self.wrong(key, "an array", v)),
         }
     }
 
@@ -370,10 +324,7 @@ impl<'a> Obj<'a> {
         items
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                v.as_str()
-                    .ok_or_else(|| self.wrong(&format!("{key}[{i}]"), "a string", v))
-            })
+            .map(|(i, v)| v.as_str().ok_or_else(|| self.wrong(&format!("{key}[{i}]"), "a string", v)))
             .collect::<Res<Vec<_>>>()
             .map(Some)
     }
@@ -382,10 +333,7 @@ impl<'a> Obj<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.as_object() {
-                Some(map) => Ok(Some(Obj {
-                    map,
-                    path: format!("{}.", self.name(key)),
-                })),
+                Some(map) => Ok(Some(Obj { map, path: format!("{}.", self.name(key)) })),
                 None => Err(self.wrong(key, "an object", v)),
             },
         }
@@ -460,34 +408,22 @@ struct Imported {
 
 fn dtype(cfg: &Obj, d: &mut Defaults) -> Res<DType> {
     // transformers 5 writes `dtype`, older versions `torch_dtype`.
-    let key = if cfg.has("torch_dtype") && !cfg.has("dtype") {
-        "torch_dtype"
-    } else {
-        "dtype"
-    };
+    let key = if cfg.has("torch_dtype") && !cfg.has("dtype") { "torch_dtype" } else { "dtype" };
     match d.str(cfg, key, "bfloat16")? {
         "bfloat16" | "bf16" => Ok(DType::Bf16),
         "float16" | "fp16" | "f16" | "half" => Ok(DType::F16),
         "float32" | "fp32" | "f32" | "float" => Ok(DType::F32),
-        other => Err(format!(
-            "unsupported {key} {other:?} (supported: bfloat16, float16, float32)"
-        )),
+        other => Err(format!("unsupported {key} {other:?} (supported: bfloat16, float16, float32)")),
     }
 }
 
 /// `num_key_value_heads`; absent or null means one KV head per query head, as the config classes read it.
 fn kv_heads(cfg: &Obj, d: &mut Defaults, heads: u64) -> Res<u64> {
-    Ok(d.or(
-        cfg.pos("num_key_value_heads")?,
-        "num_key_value_heads",
-        heads,
-        "num_attention_heads",
-    ))
+    Ok(d.or(cfg.pos("num_key_value_heads")?, "num_key_value_heads", heads, "num_attention_heads"))
 }
 
 fn checked_mul(a: u64, b: u64, what: &str) -> Res<u64> {
-    a.checked_mul(b)
-        .ok_or_else(|| format!("{what} overflows ({a} × {b})"))
+    a.checked_mul(b).ok_or_else(|| format!("{what} overflows ({a} × {b})"))
 }
 
 /// The number of HF decoder layers, bounded so that the flashc stack stays within [`MAX_LAYERS`].
@@ -495,9 +431,7 @@ fn layer_count(cfg: &Obj, key: &str, flashc_per_layer: u64) -> Res<usize> {
     let n = cfg.req_pos(key)?;
     let limit = (MAX_LAYERS as u64) / flashc_per_layer.max(1);
     if n > limit {
-        return Err(format!(
-            "key {key:?} = {n} is too large (at most {limit} are supported)"
-        ));
+        return Err(format!("key {key:?} = {n} is too large (at most {limit} are supported)"));
     }
     usize::try_from(n).map_err(|_| format!("key {key:?} = {n} is too large"))
 }
@@ -507,8 +441,7 @@ fn dt_limit(cfg: &Obj, key: &str) -> Res<Option<(f64, Option<f64>)>> {
     let Some(items) = cfg.array(key)? else {
         return Ok(None);
     };
-    let bad =
-        || format!("key {key:?} must be [min, max] with 0 <= min < max (max may be Infinity)");
+    let bad = || format!("key {key:?} must be [min, max] with 0 <= min < max (max may be Infinity)");
     let [lo, hi] = items.as_slice() else {
         return Err(bad());
     };
@@ -525,11 +458,7 @@ fn dt_limit(cfg: &Obj, key: &str) -> Res<Option<(f64, Option<f64>)>> {
 /// top-level `rope_theta` (older files). Any scaling other than `default` is refused.
 fn standard_rope_theta(cfg: &Obj, d: &mut Defaults) -> Res<f64> {
     if let Some(rp) = cfg.obj("rope_parameters")? {
-        let kind_key = if rp.has("rope_type") {
-            "rope_type"
-        } else {
-            "type"
-        };
+        let kind_key = if rp.has("rope_type") { "rope_type" } else { "type" };
         match rp.str(kind_key)? {
             None | Some("default") => {}
             Some(other) => {
@@ -544,11 +473,7 @@ fn standard_rope_theta(cfg: &Obj, d: &mut Defaults) -> Res<f64> {
         }
     }
     if let Some(rs) = cfg.obj("rope_scaling")? {
-        let kind_key = if rs.has("rope_type") {
-            "rope_type"
-        } else {
-            "type"
-        };
+        let kind_key = if rs.has("rope_type") { "rope_type" } else { "type" };
         match rs.str(kind_key)? {
             None | Some("default") => {}
             Some(other) => {
@@ -571,16 +496,10 @@ fn check_attention(a: &Attention, heads_key: &str, kv_key: &str) -> Res<()> {
     }
     if let Some(rope) = &a.rope {
         if !a.head_dim.is_multiple_of(2) || a.head_dim < 4 {
-            return Err(format!(
-                "RoPE needs an even head_dim of at least 4, found {}",
-                a.head_dim
-            ));
+            return Err(format!("RoPE needs an even head_dim of at least 4, found {}", a.head_dim));
         }
         if !(rope.theta.is_finite() && rope.theta > 1.0) {
-            return Err(format!(
-                "RoPE theta must be a finite number above 1, found {}",
-                rope.theta
-            ));
+            return Err(format!("RoPE theta must be a finite number above 1, found {}", rope.theta));
         }
     }
     Ok(())
@@ -594,10 +513,7 @@ fn check_mamba(m: &Mamba2, groups_key: &str) -> Res<()> {
         ));
     }
     if !m.heads.is_multiple_of(m.groups) {
-        return Err(format!(
-            "{groups_key:?} = {} must divide the Mamba2 head count {}",
-            m.groups, m.heads
-        ));
+        return Err(format!("{groups_key:?} = {} must divide the Mamba2 head count {}", m.groups, m.heads));
     }
     Ok(())
 }
@@ -610,14 +526,9 @@ fn check_mamba(m: &Mamba2, groups_key: &str) -> Res<()> {
 fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
     let vocab = cfg.req_pos("vocab_size")?;
     let hidden = cfg.req_pos("hidden_size")?;
-    let kinds = cfg
-        .strings("layer_types")?
-        .ok_or_else(|| cfg.missing("layer_types"))?;
+    let kinds = cfg.strings("layer_types")?.ok_or_else(|| cfg.missing("layer_types"))?;
     if kinds.len() > MAX_LAYERS {
-        return Err(format!(
-            "key \"layer_types\" has {} entries; at most {MAX_LAYERS} are supported",
-            kinds.len()
-        ));
+        return Err(format!("key \"layer_types\" has {} entries; at most {MAX_LAYERS} are supported", kinds.len()));
     }
     for (i, k) in kinds.iter().enumerate() {
         if !matches!(*k, "deltanet" | "m" | "m2" | "a" | "f") {
@@ -659,11 +570,7 @@ fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
     let dtype = dtype(cfg, d)?;
     let mut notes = Vec::new();
 
-    let heads = if has(&["deltanet", "a"]) {
-        Some(cfg.req_pos("num_attention_heads")?)
-    } else {
-        None
-    };
+    let heads = if has(&["deltanet", "a"]) { Some(cfg.req_pos("num_attention_heads")?) } else { None };
 
     let deltanet = match heads {
         Some(heads) if has(&["deltanet"]) => {
@@ -691,11 +598,7 @@ fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
         let state = d.pos(cfg, "mamba_d_state", 16)?;
         let expand = d.pos(cfg, "mamba_expand", 2)?;
         let head_dim = d.pos(cfg, "mamba2_headdim", 64)?;
-        let conv_key = if cfg.has("d_conv") && !cfg.has("mamba_d_conv") {
-            "d_conv"
-        } else {
-            "mamba_d_conv"
-        };
+        let conv_key = if cfg.has("d_conv") && !cfg.has("mamba_d_conv") { "d_conv" } else { "mamba_d_conv" };
         let conv = d.pos(cfg, conv_key, 4)?;
         let inner = checked_mul(expand, hidden, "mamba_expand × hidden_size")?;
         if !inner.is_multiple_of(head_dim) {
@@ -741,9 +644,7 @@ fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
             },
         };
         if !width.is_multiple_of(heads) {
-            return Err(format!(
-                "\"num_attention_heads\" = {heads} must divide \"hidden_size\" = {hidden}"
-            ));
+            return Err(format!("\"num_attention_heads\" = {heads} must divide \"hidden_size\" = {hidden}"));
         }
         let head_dim = width / heads;
         for key in ["kq_head_dim", "v_head_dim"] {
@@ -763,9 +664,7 @@ fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
             "none" => false,
             "rms" => true,
             other => {
-                return Err(format!(
-                    "unsupported kq_norm {other:?} (supported: none, rms)"
-                ));
+                return Err(format!("unsupported kq_norm {other:?} (supported: none, rms)"));
             }
         };
         if qk_norm && eps != 1e-6 {
@@ -778,40 +677,20 @@ fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
             let scaling = match d.str(cfg, "rope_type", "default")? {
                 "default" | "none" => RopeScaling::None,
                 "ntk" => {
-                    let original_max =
-                        cfg.pos("orig_max_position_embeddings")?.ok_or_else(|| {
-                            cfg.missing("orig_max_position_embeddings")
-                                + " (needed by rope_type \"ntk\")"
-                        })?;
-                    RopeScaling::Ntk {
-                        factor: 2.0,
-                        original_max,
-                    }
+                    let original_max = cfg.pos("orig_max_position_embeddings")?.ok_or_else(|| {
+                        cfg.missing("orig_max_position_embeddings") + " (needed by rope_type \"ntk\")"
+                    })?;
+                    RopeScaling::Ntk { factor: 2.0, original_max }
                 }
                 other => {
-                    return Err(format!(
-                        "unsupported rope_type {other:?} (supported: default, ntk)"
-                    ));
+                    return Err(format!("unsupported rope_type {other:?} (supported: default, ntk)"));
                 }
             };
-            Some(Rope {
-                theta,
-                style: RopeStyle::RotateHalf,
-                scaling,
-            })
+            Some(Rope { theta, style: RopeStyle::RotateHalf, scaling })
         } else {
             None
         };
-        let a = Attention {
-            heads,
-            kv_heads,
-            head_dim,
-            rope,
-            window: None,
-            qk_norm,
-            qkv_bias: false,
-            out_bias: false,
-        };
+        let a = Attention { heads, kv_heads, head_dim, rope, window: None, qk_norm, qkv_bias: false, out_bias: false };
         check_attention(&a, "num_attention_heads", "num_key_value_heads")?;
         if let Some(w) = cfg.pos("sliding_window")? {
             let global: Vec<u64> = match cfg.array("global_attn_idx")? {
@@ -820,9 +699,7 @@ fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
                     .iter()
                     .enumerate()
                     .map(|(i, v)| {
-                        v.as_u64().ok_or_else(|| {
-                            cfg.wrong(&format!("global_attn_idx[{i}]"), "a layer index", v)
-                        })
+                        v.as_u64().ok_or_else(|| cfg.wrong(&format!("global_attn_idx[{i}]"), "a layer index", v))
                     })
                     .collect::<Res<_>>()?,
             };
@@ -843,22 +720,18 @@ fn nemotron_flash(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
             }
         };
         if inner == 0 {
-            return Err("key \"ffn_expand_ratio\" gives an FFN width of 0 (int(ratio · hidden) // 128 · 128)".to_string());
+            return Err(
+                "key \"ffn_expand_ratio\" gives an FFN width of 0 (int(ratio · hidden) // 128 · 128)".to_string()
+            );
         }
         let act = match d.str(cfg, "mlp_hidden_act", "silu")? {
             "silu" | "swish" => Activation::Swiglu,
             "relu2" => Activation::Relu2,
             other => {
-                return Err(format!(
-                    "unsupported mlp_hidden_act {other:?} (supported: silu, relu2)"
-                ));
+                return Err(format!("unsupported mlp_hidden_act {other:?} (supported: silu, relu2)"));
             }
         };
-        Some(Operator::Ffn(Ffn {
-            inner,
-            act,
-            bias: false,
-        }))
+        Some(Operator::Ffn(Ffn { inner, act, bias: false }))
     } else {
         None
     };
@@ -924,9 +797,7 @@ fn qwen3(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
     match d.str(cfg, "hidden_act", "silu")? {
         "silu" | "swish" => {}
         other => {
-            return Err(format!(
-                "unsupported hidden_act {other:?} (Qwen3's gated MLP supports silu)"
-            ));
+            return Err(format!("unsupported hidden_act {other:?} (Qwen3's gated MLP supports silu)"));
         }
     }
     let tie = d.bool(cfg, "tie_word_embeddings", false)?;
@@ -948,10 +819,7 @@ fn qwen3(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
     let sliding: Vec<bool> = match cfg.strings("layer_types")? {
         Some(types) => {
             if types.len() != n {
-                return Err(format!(
-                    "key \"layer_types\" has {} entries but \"num_hidden_layers\" = {n}",
-                    types.len()
-                ));
+                return Err(format!("key \"layer_types\" has {} entries but \"num_hidden_layers\" = {n}", types.len()));
             }
             types
                 .iter()
@@ -967,11 +835,7 @@ fn qwen3(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
                 .collect::<Res<_>>()?
         }
         None => {
-            let first = if window.is_some() {
-                d.u64(cfg, "max_window_layers", 28)?
-            } else {
-                u64::MAX
-            };
+            let first = if window.is_some() { d.u64(cfg, "max_window_layers", 28)? } else { u64::MAX };
             (0..n).map(|i| i as u64 >= first).collect()
         }
     };
@@ -980,22 +844,14 @@ fn qwen3(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
         heads,
         kv_heads,
         head_dim,
-        rope: Some(Rope {
-            theta,
-            style: RopeStyle::RotateHalf,
-            scaling: RopeScaling::None,
-        }),
+        rope: Some(Rope { theta, style: RopeStyle::RotateHalf, scaling: RopeScaling::None }),
         window: None,
         qk_norm: true,
         qkv_bias: bias,
         out_bias: bias,
     };
     check_attention(&attention, "num_attention_heads", "num_key_value_heads")?;
-    let ffn = Operator::Ffn(Ffn {
-        inner,
-        act: Activation::Swiglu,
-        bias: false,
-    });
+    let ffn = Operator::Ffn(Ffn { inner, act: Activation::Swiglu, bias: false });
     let mut layers = Vec::with_capacity(2 * n);
     for is_sliding in sliding {
         let mut a = attention.clone();
@@ -1055,16 +911,11 @@ fn mamba2_family(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
     match d.str(cfg, "hidden_act", "silu")? {
         "silu" | "swish" => {}
         other => {
-            return Err(format!(
-                "unsupported hidden_act {other:?} (the Mamba2 convolution supports silu)"
-            ));
+            return Err(format!("unsupported hidden_act {other:?} (the Mamba2 convolution supports silu)"));
         }
     }
     if !d.bool(cfg, "rms_norm", true)? {
-        return Err(
-            "unsupported option \"rms_norm\" = false (Mamba2 without its gated RMSNorm)"
-                .to_string(),
-        );
+        return Err("unsupported option \"rms_norm\" = false (Mamba2 without its gated RMSNorm)".to_string());
     }
     let tie = d.bool(cfg, "tie_word_embeddings", false)?;
     let max_seq = d.pos(cfg, "max_position_embeddings", 4096)?;
@@ -1119,9 +970,7 @@ fn nemotron_h(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
                 "mamba" | "linear_attention" => Ok(HKind::Mamba),
                 "attention" | "full_attention" => Ok(HKind::Attention),
                 "mlp" => Ok(HKind::Mlp),
-                "moe" => Err(format!(
-                    "MoE layers are unsupported (\"layers_block_type[{i}]\" = \"moe\")"
-                )),
+                "moe" => Err(format!("MoE layers are unsupported (\"layers_block_type[{i}]\" = \"moe\")")),
                 other => Err(format!(
                     "unsupported layer type {other:?} in \"layers_block_type[{i}]\" \
                      (supported: linear_attention, full_attention, mlp)"
@@ -1143,16 +992,10 @@ fn nemotron_h(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
             })
             .collect::<Res<_>>()?
     } else {
-        return Err(
-            "missing required key \"layers_block_type\" (or the older \"hybrid_override_pattern\")"
-                .to_string(),
-        );
+        return Err("missing required key \"layers_block_type\" (or the older \"hybrid_override_pattern\")".to_string());
     };
     if kinds.len() > MAX_LAYERS {
-        return Err(format!(
-            "the layer list has {} entries; at most {MAX_LAYERS} are supported",
-            kinds.len()
-        ));
+        return Err(format!("the layer list has {} entries; at most {MAX_LAYERS} are supported", kinds.len()));
     }
     if let Some(n) = cfg.u64("num_hidden_layers")?
         && n != kinds.len() as u64
@@ -1188,9 +1031,7 @@ fn nemotron_h(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
         let step_min = match cfg.float(step_min_key)? {
             Some(x) if x.is_finite() && x >= 0.0 => x,
             Some(_) => {
-                return Err(format!(
-                    "key {step_min_key:?} must be a finite non-negative number"
-                ));
+                return Err(format!("key {step_min_key:?} must be a finite non-negative number"));
             }
             None => d.or(None, "time_step_min", 0.001, "0.001"),
         };
@@ -1201,16 +1042,12 @@ fn nemotron_h(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
         if let Some(max) = dt_max
             && max <= dt_min
         {
-            return Err(format!(
-                "\"time_step_limit\" max {max} is not above the lower dt clamp {dt_min}"
-            ));
+            return Err(format!("\"time_step_limit\" max {max} is not above the lower dt clamp {dt_min}"));
         }
         match d.str(cfg, "mamba_hidden_act", "silu")? {
             "silu" | "swish" => {}
             other => {
-                return Err(format!(
-                    "unsupported mamba_hidden_act {other:?} (supported: silu)"
-                ));
+                return Err(format!("unsupported mamba_hidden_act {other:?} (supported: silu)"));
             }
         }
         let inner = checked_mul(heads, head_dim, "mamba_num_heads × mamba_head_dim")?;
@@ -1243,9 +1080,7 @@ fn nemotron_h(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
         };
         let bias = d.bool(cfg, "attention_bias", false)?;
         if let Some(w) = cfg.u64("sliding_window")? {
-            return Err(format!(
-                "unsupported option \"sliding_window\" = {w} for nemotron_h attention"
-            ));
+            return Err(format!("unsupported option \"sliding_window\" = {w} for nemotron_h attention"));
         }
         let a = Attention {
             heads,
@@ -1269,9 +1104,7 @@ fn nemotron_h(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
             "relu2" => Activation::Relu2,
             "gelu_pytorch_tanh" | "gelu_new" => Activation::Gelu,
             other => {
-                return Err(format!(
-                    "unsupported mlp_hidden_act {other:?} (supported: relu2, gelu_pytorch_tanh)"
-                ));
+                return Err(format!("unsupported mlp_hidden_act {other:?} (supported: relu2, gelu_pytorch_tanh)"));
             }
         };
         let bias = d.bool(cfg, "mlp_bias", false)?;
@@ -1315,11 +1148,7 @@ fn nemotron_h(cfg: &Obj, d: &mut Defaults) -> Res<Imported> {
 /// A float as `.arch` text: integral values without a fraction, others in Rust's shortest form
 /// (`1e-6`, `0.001`), which always carries a `.` or an exponent.
 fn float_text(x: f64) -> String {
-    if x.is_finite() && x.fract() == 0.0 && x.abs() < 1e15 {
-        format!("{}", x as i64)
-    } else {
-        format!("{x:?}")
-    }
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 1e15 { format!("{}", x as i64) } else { format!("{x:?}") }
 }
 
 fn rope_text(rope: &Option<Rope>) -> String {
@@ -1330,11 +1159,7 @@ fn rope_text(rope: &Option<Rope>) -> String {
     if r.style == RopeStyle::Interleaved {
         params.push("style = interleaved".to_string());
     }
-    if let RopeScaling::Ntk {
-        factor,
-        original_max,
-    } = &r.scaling
-    {
+    if let RopeScaling::Ntk { factor, original_max } = &r.scaling {
         let mut inner = Vec::new();
         if *factor != 2.0 {
             inner.push(format!("factor = {}", float_text(*factor)));
@@ -1459,9 +1284,7 @@ fn op_base(op: &Operator) -> &'static str {
 
 /// Text safe inside a `//` comment: no control characters.
 fn comment_safe(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 fn render(m: &Imported, title: &str, ident: &str, model_type: &str, defaults: &Defaults) -> String {
@@ -1490,11 +1313,7 @@ fn render(m: &Imported, title: &str, ident: &str, model_type: &str, defaults: &D
                 base.to_string()
             } else {
                 let nth = bases[..=i].iter().filter(|b| *b == base).count();
-                let sep = if base.ends_with(|c: char| c.is_ascii_digit()) {
-                    "_"
-                } else {
-                    ""
-                };
+                let sep = if base.ends_with(|c: char| c.is_ascii_digit()) { "_" } else { "" };
                 format!("{base}{sep}{nth}")
             }
         })
@@ -1528,10 +1347,7 @@ fn render(m: &Imported, title: &str, ident: &str, model_type: &str, defaults: &D
     }
     line(format!("  max_seq = {}", m.max_seq));
     line(format!("  dtype = {}", m.dtype.name()));
-    line(format!(
-        "  norm = rmsnorm(eps = {})",
-        float_text(m.norm_eps)
-    ));
+    line(format!("  norm = rmsnorm(eps = {})", float_text(m.norm_eps)));
     line(format!(
         "  logits = {}",
         match m.logits {
@@ -1565,15 +1381,8 @@ struct Stack {
 /// One piece of a compressed sequence: a plain list, or a pattern repeated `times` (≥ 2) times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Seg {
-    List {
-        start: usize,
-        len: usize,
-    },
-    Repeat {
-        start: usize,
-        period: usize,
-        times: usize,
-    },
+    List { start: usize, len: usize },
+    Repeat { start: usize, period: usize, times: usize },
 }
 
 /// Above this many layers, only the direct (block-free) description is searched.
@@ -1586,16 +1395,10 @@ fn layout(seq: &[usize], names: &[String]) -> Stack {
     let name = |i: usize| names.get(i).cloned().unwrap_or_default();
     if let Some(p) = (1..n).find(|&p| n.is_multiple_of(p) && (p..n).all(|i| seq[i] == seq[i - p])) {
         if p == 1 {
-            return Stack {
-                blocks: Vec::new(),
-                layers: format!("[{}] * {n}", name(seq[0])),
-            };
+            return Stack { blocks: Vec::new(), layers: format!("[{}] * {n}", name(seq[0])) };
         }
         let items = seq[..p].iter().map(|&i| name(i)).collect();
-        return Stack {
-            blocks: vec![("L".to_string(), items)],
-            layers: format!("[L] * {}", n / p),
-        };
+        return Stack { blocks: vec![("L".to_string(), items)], layers: format!("[L] * {}", n / p) };
     }
 
     // Candidates: the operators themselves, or a cut into blocks of k operators after o leading
@@ -1603,8 +1406,7 @@ fn layout(seq: &[usize], names: &[String]) -> Stack {
     // 2 per item + 2, repeats 2 per item + 3.
     let n_ops = names.len();
     let (direct_cost, direct_segs) = compress(seq);
-    let mut best: (u64, Vec<Vec<usize>>, Vec<usize>, Vec<Seg>) =
-        (direct_cost, Vec::new(), seq.to_vec(), direct_segs);
+    let mut best: (u64, Vec<Vec<usize>>, Vec<usize>, Vec<Seg>) = (direct_cost, Vec::new(), seq.to_vec(), direct_segs);
     if n <= CHUNK_SEARCH_MAX_LAYERS {
         for k in 2..=MAX_BLOCK_LEN.min(n / 2) {
             for o in 0..k {
@@ -1644,35 +1446,15 @@ fn layout(seq: &[usize], names: &[String]) -> Stack {
     let (_, distinct, symbols, segs) = best;
     let block_name = |id: usize| format!("B{}", id + 1);
     let sym_name = |s: usize| {
-        if s >= n_ops {
-            block_name(s - n_ops)
-        } else {
-            name(s)
-        }
+        if s >= n_ops { block_name(s - n_ops) } else { name(s) }
     };
-    let list = |items: &[usize]| {
-        format!(
-            "[{}]",
-            items
-                .iter()
-                .map(|&s| sym_name(s))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let list = |items: &[usize]| format!("[{}]", items.iter().map(|&s| sym_name(s)).collect::<Vec<_>>().join(", "));
     let pieces: Vec<String> = segs
         .iter()
         .map(|seg| match *seg {
             Seg::List { start, len } => list(symbols.get(start..start + len).unwrap_or(&[])),
-            Seg::Repeat {
-                start,
-                period,
-                times,
-            } => {
-                format!(
-                    "{} * {times}",
-                    list(symbols.get(start..start + period).unwrap_or(&[]))
-                )
+            Seg::Repeat { start, period, times } => {
+                format!("{} * {times}", list(symbols.get(start..start + period).unwrap_or(&[])))
             }
         })
         .collect();
@@ -1681,10 +1463,7 @@ fn layout(seq: &[usize], names: &[String]) -> Stack {
         .enumerate()
         .map(|(id, items)| (block_name(id), items.iter().map(|&i| name(i)).collect()))
         .collect();
-    Stack {
-        blocks,
-        layers: pieces.join(" ++ "),
-    }
+    Stack { blocks, layers: pieces.join(" ++ ") }
 }
 
 /// The cheapest cut of `sym` into plain lists and repeats (see [`layout`] for the costs), by dynamic
@@ -1708,11 +1487,7 @@ fn compress(sym: &[usize]) -> (u64, Vec<Seg>) {
                 let cost = best[end].saturating_add(2 * period as u64 + 3);
                 if cost < best[i] {
                     best[i] = cost;
-                    choice[i] = Some(Seg::Repeat {
-                        start: i,
-                        period,
-                        times,
-                    });
+                    choice[i] = Some(Seg::Repeat { start: i, period, times });
                 }
             }
         }
@@ -1720,10 +1495,7 @@ fn compress(sym: &[usize]) -> (u64, Vec<Seg>) {
             let cost = best[end].saturating_add(2 * (end - i) as u64 + 2);
             if cost < best[i] {
                 best[i] = cost;
-                choice[i] = Some(Seg::List {
-                    start: i,
-                    len: end - i,
-                });
+                choice[i] = Some(Seg::List { start: i, len: end - i });
             }
         }
         std::mem::swap(&mut row, &mut next);
@@ -1734,11 +1506,7 @@ fn compress(sym: &[usize]) -> (u64, Vec<Seg>) {
         let Some(seg) = choice[i] else { break };
         i = match seg {
             Seg::List { start, len } => start + len,
-            Seg::Repeat {
-                start,
-                period,
-                times,
-            } => start + period * times,
+            Seg::Repeat { start, period, times } => start + period * times,
         };
         segs.push(seg);
     }
@@ -1754,9 +1522,7 @@ mod tests {
     }
 
     fn seq_of(text: &str, ops: &[&str]) -> Vec<usize> {
-        text.split_whitespace()
-            .map(|t| ops.iter().position(|o| *o == t).unwrap_or(usize::MAX))
-            .collect()
+        text.split_whitespace().map(|t| ops.iter().position(|o| *o == t).unwrap_or(usize::MAX)).collect()
     }
 
     fn show(stack: &Stack) -> String {
@@ -1773,17 +1539,10 @@ mod tests {
         let ops = ["D", "F", "M2", "A"];
         let one_b = "D F M2 F A F M2 F D F M2 F A F M2 F D F M2 F D F M2 F";
         let got = show(&layout(&seq_of(one_b, &ops), &names(&ops)));
-        assert_eq!(
-            got,
-            "block B1 = [D, F, M2, F]\nblock B2 = [A, F, M2, F]\nlayers = [B1, B2] * 2 ++ [B1] * 2"
-        );
-        let three_b =
-            "D F M2 F A F M2 F D F M2 F A F M2 F D F M2 F A F M2 F D F M2 F D F M2 F D F M2 F";
+        assert_eq!(got, "block B1 = [D, F, M2, F]\nblock B2 = [A, F, M2, F]\nlayers = [B1, B2] * 2 ++ [B1] * 2");
+        let three_b = "D F M2 F A F M2 F D F M2 F A F M2 F D F M2 F A F M2 F D F M2 F D F M2 F D F M2 F";
         let got = show(&layout(&seq_of(three_b, &ops), &names(&ops)));
-        assert_eq!(
-            got,
-            "block B1 = [D, F, M2, F]\nblock B2 = [A, F, M2, F]\nlayers = [B1, B2] * 3 ++ [B1] * 3"
-        );
+        assert_eq!(got, "block B1 = [D, F, M2, F]\nblock B2 = [A, F, M2, F]\nlayers = [B1, B2] * 3 ++ [B1] * 3");
     }
 
     #[test]
@@ -1806,13 +1565,9 @@ mod tests {
     fn layout_expands_to_the_sequence() {
         // Expanding the emitted description must give back the sequence, for many shapes.
         let ops = ["M", "A", "F", "D"];
-        let pattern = "M F M F M F M A F M F M F M F M F M A F M F M F M F M F M A F M F M F M F M F M A F M F M F M F M F";
-        let cases = [
-            pattern.to_string(),
-            "M A F D M".to_string(),
-            "F F M F F M F F M D".to_string(),
-            "A ".repeat(3),
-        ];
+        let pattern =
+            "M F M F M F M A F M F M F M F M F M A F M F M F M F M F M A F M F M F M F M F M A F M F M F M F M F";
+        let cases = [pattern.to_string(), "M A F D M".to_string(), "F F M F F M F F M D".to_string(), "A ".repeat(3)];
         for text in cases {
             let seq = seq_of(&text, &ops);
             let stack = layout(&seq, &names(&ops));
@@ -1829,11 +1584,7 @@ mod tests {
                 Some((l, t)) => (l, t.parse::<usize>().unwrap_or(0)),
                 None => (piece, 1),
             };
-            let items: Vec<&str> = list
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .split(", ")
-                .collect();
+            let items: Vec<&str> = list.trim_start_matches('[').trim_end_matches(']').split(", ").collect();
             for _ in 0..times {
                 for item in &items {
                     match stack.blocks.iter().find(|(n, _)| n == item) {

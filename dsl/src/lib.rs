@@ -12,6 +12,7 @@
 
 pub mod ast;
 pub mod diag;
+pub mod fmt;
 pub mod import_hf;
 pub mod manifest;
 pub mod parser;

@@ -153,12 +153,15 @@ fn build_item(pair: Pair<'_, Rule>) -> Result<Item, Vec<Diagnostic>> {
         return Err(grammar_bug(&pair));
     }
     let name = ident(parts.remove(0));
+    let mut span = span;
     let kind = if rule == Rule::section {
         let items = parts.into_iter().map(build_item).collect::<Result<Vec<_>, _>>()?;
         ItemKind::Section { name, items }
     } else {
         let Some(value) = parts.pop() else { return Err(grammar_bug(&pair)) };
         let value = build_expr(value)?;
+        // pest's implicit whitespace after the value belongs to no item: end the item at its value.
+        span = Span::new(span.start, value.span.end);
         match rule {
             Rule::let_item => ItemKind::Let { name, value },
             Rule::op_item => ItemKind::Op { name, value },

@@ -342,11 +342,9 @@ impl Op {
                 vec![("window", win(*window)), ("scale", Attr::Float(*scale))]
             }
             Op::SsdScan { chunk } => vec![("chunk", Attr::Int(*chunk as i64))],
-            Op::DeltaScan { chunk, scale, gated } => vec![
-                ("chunk", Attr::Int(*chunk as i64)),
-                ("scale", Attr::Float(*scale)),
-                ("gated", Attr::Bool(*gated)),
-            ],
+            Op::DeltaScan { chunk, scale, gated } => {
+                vec![("chunk", Attr::Int(*chunk as i64)), ("scale", Attr::Float(*scale)), ("gated", Attr::Bool(*gated))]
+            }
             Op::DeltaStep { scale, gated } => vec![("scale", Attr::Float(*scale)), ("gated", Attr::Bool(*gated))],
             Op::Fused(body) => vec![("name", Attr::Str(body.name.clone()))],
             Op::Zeros
@@ -472,9 +470,7 @@ impl Op {
             "attention_decode" => Op::AttentionDecode { window: window("window")?, scale: float("scale")? },
             "ssd_scan" => Op::SsdScan { chunk: uint("chunk")? },
             "ssd_step" => Op::SsdStep,
-            "delta_scan" => {
-                Op::DeltaScan { chunk: uint("chunk")?, scale: float("scale")?, gated: boolean("gated")? }
-            }
+            "delta_scan" => Op::DeltaScan { chunk: uint("chunk")?, scale: float("scale")?, gated: boolean("gated")? },
             "delta_step" => Op::DeltaStep { scale: float("scale")?, gated: boolean("gated")? },
             "cross_entropy" => Op::CrossEntropy,
             "fused" => Op::Fused(Box::new(FusedBody { name: string("name")?, graph: Graph::new("fused") })),

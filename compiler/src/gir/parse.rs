@@ -74,7 +74,8 @@ fn parse_body(lines: &[(usize, &str)], pos: &mut usize, g: &mut Graph) -> Result
             outputs.push((name, v.to_string(), ln));
             continue;
         }
-        let p = parse_node(ln, line, lines, pos).map_err(|e| if e.starts_with("line ") { e } else { format!("line {ln}: {e}") })?;
+        let p = parse_node(ln, line, lines, pos)
+            .map_err(|e| if e.starts_with("line ") { e } else { format!("line {ln}: {e}") })?;
         pending.push(p);
     }
     // Place nodes under their ids: fill gaps with placeholders, then remove them.
@@ -129,7 +130,8 @@ fn parse_body(lines: &[(usize, &str)], pos: &mut usize, g: &mut Graph) -> Result
 
 fn parse_node(ln: usize, line: &str, lines: &[(usize, &str)], pos: &mut usize) -> Result<Pending, String> {
     let (lhs, rhs) = line.split_once(" = ").ok_or("expected `%N = op...`")?;
-    let id: u32 = lhs.trim().strip_prefix('%').and_then(|x| x.parse().ok()).ok_or_else(|| format!("bad node id `{lhs}`"))?;
+    let id: u32 =
+        lhs.trim().strip_prefix('%').and_then(|x| x.parse().ok()).ok_or_else(|| format!("bad node id `{lhs}`"))?;
     let name_end = rhs.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rhs.len());
     let name = &rhs[..name_end];
     let mut rest = &rhs[name_end..];
