@@ -19,4 +19,5 @@
 //! workspace shows the whole pipeline.
 
 pub mod gir;
+pub mod passes;
 pub mod verify;
