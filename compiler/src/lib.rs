@@ -19,5 +19,6 @@
 //! workspace shows the whole pipeline.
 
 pub mod gir;
+pub mod lower;
 pub mod passes;
 pub mod verify;

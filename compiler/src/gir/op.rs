@@ -111,7 +111,7 @@ pub enum Op {
     MatMul { trans_a: bool, trans_b: bool },
 
     // ------------------------------------------------------------------ elementwise
-    /// `(a, b) → a + b`, broadcasting (right-aligned, size-1 dims stretch); type of the larger operand.
+    /// `(a, b) → a + b`, broadcasting (right-aligned, size-1 dims stretch); integers add exactly.
     Add,
     /// `(a, b) → a · b`, broadcasting like `Add`.
     Mul,
@@ -167,9 +167,10 @@ pub enum Op {
     /// `(start[b] + t) mod C` (a ring buffer when `C` is a sliding window). In place on operand 0.
     KvWrite,
     /// `(q [B, T, Hq, d], k [B, T, Hkv, d], v [B, T, Hkv, d], kcache [B, C, Hkv, d], vcache, start
-    /// i32[B]) → [B, T, Hq, d]`: causal GQA softmax attention of the new tokens over the cached prefix
-    /// (positions `< start[b]`, read from the caches before this call's `KvWrite`) and the new keys;
-    /// with `window`, a query at position p sees keys at positions > p − window.
+    /// i32[B]) → (o [B, T, Hq, d], kcache', vcache')`: causal GQA softmax attention of the new tokens
+    /// (at positions `start[b] + t`) over the cached prefix (positions `< start[b]`, read from the
+    /// caches) and the new keys, which are then written to the caches as `KvWrite` does (in place on
+    /// operands 3 and 4). With `window`, a query at position p sees keys at positions > p − window.
     AttentionPrefill { window: Option<u64>, scale: f64 },
     /// `(q [B, Hq, d], kcache [B, C, Hkv, d], vcache, start i32[B]) → [B, Hq, d]`: one new token per
     /// sequence at position `start[b]`, attending to cached positions `0 ..= start[b]` (after this
@@ -518,6 +519,7 @@ impl Op {
     pub fn in_place(&self, operands: usize) -> Vec<(usize, usize)> {
         match self {
             Op::KvWrite => vec![(0, 0)],
+            Op::AttentionPrefill { .. } => vec![(3, 1), (4, 2)],
             Op::Conv1d { .. } | Op::Conv1dUpdate { .. } => vec![(2, 1)],
             Op::SsdScan { .. } | Op::SsdStep => vec![(6, 1)],
             // The state is the last operand of a step and the one before `lens` of a scan.
@@ -719,7 +721,11 @@ fn infer(op: &Op, ins: &[&TensorType], declared: Option<&[TensorType]>) -> Resul
             shape.push(n.clone());
             one(TensorType::new(a.dtype, shape))
         }
-        Op::Add | Op::Mul => {
+        Op::Add => {
+            arity(op, ins, 2)?;
+            one(broadcast(ins[0], ins[1])?)
+        }
+        Op::Mul => {
             arity(op, ins, 2)?;
             float("operand", ins[0])?;
             one(broadcast(ins[0], ins[1])?)
@@ -844,7 +850,8 @@ fn infer(op: &Op, ins: &[&TensorType], declared: Option<&[TensorType]>) -> Resul
             same("cache head width", &kc.shape[3], &k.shape[3])?;
             gqa(&q.shape[2], &k.shape[2])?;
             index_vec("start", start, &q.shape[0])?;
-            one(q.clone())
+            same("cache batch", &kc.shape[0], &q.shape[0])?;
+            Ok(vec![q.clone(), kc.clone(), vc.clone()])
         }
         Op::AttentionDecode { .. } => {
             arity(op, ins, 4)?;

@@ -13,7 +13,26 @@ use crate::gir::{FusedBody, Graph, InputRole, NodeId, Op, Value};
 /// Nodes that may go into a fused body: everything that computes (not leaves, not other kinds of
 /// boundary).
 pub fn fusible(g: &Graph, n: NodeId) -> bool {
-    g.node(n).is_some_and(|node| !node.op.is_leaf())
+    g.node(n).is_some_and(|node| !node.op.is_leaf()) && !is_constant(g, n)
+}
+
+/// Whether a node computes only from weights (no runtime input, no zeros): such nodes are weight
+/// preparation (packed weights, `−exp(A_log)`), computed once at load by the schedule, and fusion
+/// passes treat them like leaves.
+pub fn is_constant(g: &Graph, n: NodeId) -> bool {
+    let mut stack = vec![n];
+    let mut seen = BTreeSet::new();
+    while let Some(x) = stack.pop() {
+        if !seen.insert(x) {
+            continue;
+        }
+        match g.node(x).map(|node| &node.op) {
+            Some(Op::Weight { .. }) => {}
+            Some(Op::Input { .. } | Op::Zeros) | None => return false,
+            Some(_) => stack.extend(g.operands(x).iter().map(|v| v.node)),
+        }
+    }
+    true
 }
 
 /// Whether no path from a member leaves the set and re-enters it.
