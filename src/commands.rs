@@ -7,6 +7,10 @@ use std::path::Path;
 use flashc_dsl::diag::{self, Code, Diagnostic};
 use flashc_dsl::{ModelSpec, parser, resolve, stats};
 
+use flashc_compiler::gir::{Graph, Mode};
+use flashc_compiler::lower::{LowerOptions, lower};
+use flashc_compiler::passes::{Pass, VERIFY_BY_DEFAULT, pipeline, run_passes};
+
 use crate::Emit;
 use crate::output;
 
@@ -114,8 +118,45 @@ pub fn info(file: &Path, json: bool) -> CmdResult {
     output::emit(&text, None).map_err(|e| fail(format!("cannot write output: {e}")))
 }
 
-pub fn compile(file: &Path, emit: Emit, out: Option<&Path>) -> CmdResult {
-    let text = match emit {
+/// What `flashc compile` should produce.
+pub struct CompileOptions {
+    pub emit: Emit,
+    pub mode: Mode,
+    pub passes: Option<Vec<String>>,
+    pub print_after: Vec<String>,
+}
+
+/// Lowers and runs the passes (verifying after each in debug builds), printing `--print-after` dumps.
+fn build_gir(spec: &ModelSpec, opts: &CompileOptions) -> Result<Graph, Failed> {
+    let passes = match &opts.passes {
+        None => pipeline(opts.mode),
+        Some(names) if names.iter().all(|n| n == "none") => Vec::new(),
+        Some(names) => names
+            .iter()
+            .map(|n| Pass::parse(n).ok_or_else(|| fail(format!("unknown pass `{n}` (passes: {})", pass_names()))))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    for n in &opts.print_after {
+        if n != "all" && Pass::parse(n).is_none() {
+            return Err(fail(format!("unknown pass `{n}` in --print-after (passes: {})", pass_names())));
+        }
+    }
+    let mut g = lower(spec, &LowerOptions::new(opts.mode)).map_err(fail)?;
+    let mut observe = |p: Pass, g: &Graph| {
+        if opts.print_after.iter().any(|n| n == "all" || n == p.name()) {
+            eprintln!("// gir after {p}\n{g}");
+        }
+    };
+    run_passes(&mut g, &passes, VERIFY_BY_DEFAULT, &mut observe).map_err(fail)?;
+    Ok(g)
+}
+
+fn pass_names() -> String {
+    Pass::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+}
+
+pub fn compile(file: &Path, opts: &CompileOptions, out: Option<&Path>) -> CmdResult {
+    let text = match opts.emit {
         Emit::Ast => {
             let bytes = read(file)?;
             let name = file.display().to_string();
@@ -130,6 +171,10 @@ pub fn compile(file: &Path, emit: Emit, out: Option<&Path>) -> CmdResult {
         Emit::Spec => {
             let (spec, _) = load_spec(file)?;
             to_json(&spec)?
+        }
+        Emit::Gir => {
+            let (spec, _) = load_spec(file)?;
+            build_gir(&spec, opts)?.to_string()
         }
     };
     let dest = out.map(|p| p.display().to_string());
@@ -162,7 +207,7 @@ pub fn explain(code: Option<&str>) -> CmdResult {
 }
 
 pub fn import_hf(dir: &Path, out: Option<&Path>) -> CmdResult {
-    let text = flashc_dsl::import_hf::import_dir(dir).map_err(|e| fail(e))?;
+    let text = flashc_dsl::import_hf::import_dir(dir).map_err(fail)?;
     // The importer's output must itself be a valid model: check it before writing anything.
     if let Err(diags) = flashc_dsl::load(&text) {
         eprint!("{}", diag::render("<imported>", &text, &diags));

@@ -45,13 +45,23 @@ enum Command {
     },
     /// Compile a model and print (or write) one stage of the pipeline.
     #[command(after_help = "Examples:\n  flashc compile examples/tiny-hybrid.arch --emit ast\n  \
-                            flashc compile examples/tiny-hybrid.arch --emit spec -o tiny.spec.json")]
+                            flashc compile examples/tiny-hybrid.arch --emit spec -o tiny.spec.json\n  \
+                            flashc compile examples/nemotron-flash-1b.arch --emit gir --mode decode --print-after fuse-matmul")]
     Compile {
         /// The model file.
         file: PathBuf,
         /// The stage to print.
         #[arg(long, value_enum, default_value_t = Emit::Spec)]
         emit: Emit,
+        /// The mode to lower for (gir and later stages).
+        #[arg(long, value_enum, default_value_t = ModeArg::Prefill)]
+        mode: ModeArg,
+        /// Run these passes (comma-separated names, or `none`) instead of the standard pipeline.
+        #[arg(long, value_delimiter = ',')]
+        passes: Option<Vec<String>>,
+        /// Print the gir to standard error after each named pass (comma-separated, or `all`).
+        #[arg(long, value_delimiter = ',')]
+        print_after: Vec<String>,
         /// Write to this file (atomically) instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -96,6 +106,27 @@ enum Emit {
     Ast,
     /// The resolved `ModelSpec`, as JSON.
     Spec,
+    /// The graph IR after the pass pipeline, as text.
+    Gir,
+}
+
+/// Compilation modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Prefill,
+    Decode,
+    Train,
+}
+
+impl ModeArg {
+    fn mode(self) -> flashc_compiler::gir::Mode {
+        use flashc_compiler::gir::Mode;
+        match self {
+            ModeArg::Prefill => Mode::Prefill,
+            ModeArg::Decode => Mode::Decode,
+            ModeArg::Train => Mode::Train,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -103,7 +134,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { files, deny_warnings } => commands::check(&files, deny_warnings),
         Command::Info { file, json } => commands::info(&file, json),
-        Command::Compile { file, emit, output } => commands::compile(&file, emit, output.as_deref()),
+        Command::Compile { file, emit, mode, passes, print_after, output } => commands::compile(
+            &file,
+            &commands::CompileOptions { emit, mode: mode.mode(), passes, print_after },
+            output.as_deref(),
+        ),
         Command::Fmt { files, write, check } => commands::fmt(&files, write, check),
         Command::ImportHf { dir, output } => commands::import_hf(&dir, output.as_deref()),
         Command::Explain { code } => commands::explain(code.as_deref()),
