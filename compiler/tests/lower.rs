@@ -38,3 +38,38 @@ fn every_example_lowers_and_verifies_in_every_mode() {
         }
     }
 }
+
+#[test]
+fn lowered_weights_are_exactly_the_manifest() {
+    use flashc_compiler::gir::Op;
+    for (name, spec) in examples() {
+        let manifest: std::collections::BTreeMap<String, Vec<u64>> =
+            flashc_dsl::manifest::manifest(&spec).into_iter().map(|t| (t.name, t.shape)).collect();
+        for mode in Mode::ALL {
+            let g = lower(&spec, &LowerOptions::new(mode)).expect("lower");
+            let mut seen = std::collections::BTreeMap::new();
+            for n in g.node_ids() {
+                if let Op::Weight { name: w } = g.op(n) {
+                    let shape: Vec<u64> = g
+                        .ty(n.into())
+                        .expect("type")
+                        .shape
+                        .iter()
+                        .map(|d| d.as_const().expect("const") as u64)
+                        .collect();
+                    seen.insert(w.clone(), shape);
+                }
+            }
+            // Every weight the graph reads is in the manifest with the same shape; in the modes that
+            // run the whole model, every manifest tensor is read (meta tokens are not read in decode).
+            for (w, shape) in &seen {
+                assert_eq!(manifest.get(w), Some(shape), "{name} {mode:?}: weight {w}");
+            }
+            let missing: Vec<&String> = manifest
+                .keys()
+                .filter(|w| !seen.contains_key(*w) && !(mode == Mode::Decode && *w == "meta_tokens"))
+                .collect();
+            assert!(missing.is_empty(), "{name} {mode:?}: manifest tensors never read: {missing:?}");
+        }
+    }
+}

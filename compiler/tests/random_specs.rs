@@ -42,7 +42,10 @@ fn random_model(seed: u64) -> String {
         let op = match r.below(4) {
             0 => {
                 let heads = r.pick(
-                    &divisors(hidden).into_iter().filter(|h| (hidden / h).is_multiple_of(2) && *h <= 8).collect::<Vec<_>>(),
+                    &divisors(hidden)
+                        .into_iter()
+                        .filter(|h| (hidden / h).is_multiple_of(2) && *h <= 8)
+                        .collect::<Vec<_>>(),
                 );
                 let kv = r.pick(&divisors(heads));
                 let window = if r.flag() { format!(", window = {}", 1 + r.below(16)) } else { String::new() };
