@@ -260,3 +260,11 @@ pub fn fmt(files: &[std::path::PathBuf], write: bool, check: bool) -> CmdResult 
     }
     if ok { Ok(()) } else { Err(Failed) }
 }
+
+pub fn init(file: &Path, out: &Path, seed: u64) -> CmdResult {
+    let (spec, _) = load_spec(file)?;
+    let weights = flashc_runtime::weights::init(&spec, seed);
+    flashc_runtime::weights::save(&weights, out).map_err(fail)?;
+    println!("wrote {} ({} parameters, seed {seed})", out.display(), stats::thousands(weights.param_count() as u64));
+    Ok(())
+}

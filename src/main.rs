@@ -91,6 +91,18 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Write random weights for a model (reference initialisers, deterministic for a seed).
+    #[command(after_help = "Example:\n  flashc init examples/tiny-hybrid.arch -o tiny.safetensors --seed 1")]
+    Init {
+        /// The model file.
+        file: PathBuf,
+        /// The safetensors file to write (atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Seed of the random initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Explain a diagnostic code, or list them all.
     #[command(after_help = "Examples:\n  flashc explain E0306\n  flashc explain")]
     Explain {
@@ -141,6 +153,7 @@ fn main() -> ExitCode {
         ),
         Command::Fmt { files, write, check } => commands::fmt(&files, write, check),
         Command::ImportHf { dir, output } => commands::import_hf(&dir, output.as_deref()),
+        Command::Init { file, output, seed } => commands::init(&file, &output, seed),
         Command::Explain { code } => commands::explain(code.as_deref()),
     };
     match result {
