@@ -146,6 +146,11 @@ impl Diagnostic {
         }
     }
 
+    /// An error about the file as a whole, shown without a source excerpt.
+    pub fn global(code: Code, message: impl Into<String>) -> Diagnostic {
+        Diagnostic { labels: Vec::new(), ..Diagnostic::error(code, Span::default(), message) }
+    }
+
     /// A warning whose primary label is `span`.
     pub fn warning(code: Code, span: Span, message: impl Into<String>) -> Diagnostic {
         Diagnostic { severity: Severity::Warning, ..Diagnostic::error(code, span, message) }
@@ -252,34 +257,50 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// The candidate closest to `name` by edit distance, if it is close enough to be a plausible typo.
+/// The candidate closest to `name`, if it is close enough to be a plausible typo: edit distance with
+/// transpositions, at most a third of the length (names of one or two characters only match when
+/// they differ in case), ties broken in favour of candidates that extend the name (`relu` → `relu2`).
 pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let mut best: Option<(usize, &str)> = None;
+    let mut best: Option<((usize, bool, &str), &str)> = None;
     for c in candidates {
-        let d = edit_distance(name, c);
-        let limit = (name.chars().count().max(c.chars().count()) / 3).max(1);
-        if d <= limit && best.is_none_or(|(bd, bc)| (d, c) < (bd, bc)) {
-            best = Some((d, c));
+        let d = edit_distance(&name.to_lowercase(), &c.to_lowercase());
+        let len = name.chars().count().max(c.chars().count());
+        let limit = if len <= 2 { 0 } else { (len / 3).max(1) };
+        if d > limit || c == name {
+            continue;
+        }
+        let key = (d, !(c.starts_with(name) || name.starts_with(c)), c);
+        if best.is_none_or(|(k, _)| key < k) {
+            best = Some((key, c));
         }
     }
     best.map(|(_, c)| c)
 }
 
-/// Levenshtein distance over chars.
+/// Optimal-string-alignment distance over chars: insertions, deletions, substitutions and swaps of
+/// adjacent characters each cost 1.
 fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for i in 1..=a.len() {
-        cur[0] = i;
-        for j in 1..=b.len() {
-            let sub = prev[j - 1] + usize::from(a[i - 1] != b[j - 1]);
-            cur[j] = sub.min(prev[j] + 1).min(cur[j - 1] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
+    let w = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * w];
+    for i in 0..=a.len() {
+        d[i * w] = i;
     }
-    prev[b.len()]
+    for (j, cell) in d.iter_mut().enumerate().take(w) {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[(i - 1) * w + j] + 1).min(d[i * w + j - 1] + 1).min(d[(i - 1) * w + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[(i - 2) * w + j - 2] + 1);
+            }
+            d[i * w + j] = v;
+        }
+    }
+    d[a.len() * w + b.len()]
 }
 
 #[cfg(test)]
@@ -290,6 +311,9 @@ mod tests {
     fn suggestions() {
         assert_eq!(did_you_mean("kv_head", ["heads", "kv_heads", "head_dim"]), Some("kv_heads"));
         assert_eq!(did_you_mean("zzz", ["heads", "kv_heads"]), None);
+        assert_eq!(did_you_mean("widht", ["width", "window"]), Some("width"));
+        assert_eq!(did_you_mean("relu", ["swiglu", "relu2", "gelu"]), Some("relu2"));
+        assert_eq!(did_you_mean("Q", ["A", "F"]), None);
     }
 
     #[test]

@@ -21,9 +21,11 @@ struct ArchParser;
 /// Largest accepted source, in bytes.
 pub const MAX_SOURCE_BYTES: usize = 4 << 20;
 /// Deepest accepted nesting of brackets, and of operators within one expression.
-pub const MAX_DEPTH: usize = 64;
+pub const MAX_DEPTH: usize = 32;
 /// Longest accepted operator chain in one expression (`a + b + c ...`).
-pub const MAX_CHAIN: usize = 4096;
+pub const MAX_CHAIN: usize = 512;
+/// Deepest accepted expression tree (operator chains nest one level per operator).
+pub const MAX_EXPR_DEPTH: usize = 640;
 
 /// Parses raw bytes: checks size and UTF-8 first.
 pub fn parse_bytes(bytes: &[u8]) -> Result<File, Vec<Diagnostic>> {
@@ -50,7 +52,19 @@ pub fn parse(source: &str) -> Result<File, Vec<Diagnostic>> {
     check_depth(source)?;
     pest::set_call_limit(NonZeroUsize::new(50_000_000));
     pest::set_error_detail(true);
-    let mut pairs = ArchParser::parse(Rule::file, source).map_err(|e| vec![syntax_error(source, &e)])?;
+    let mut pairs = ArchParser::parse(Rule::file, source).map_err(|e| {
+        // pest stops with a custom error when its call budget runs out: the input is too complex to
+        // parse, not wrong at the place pest stopped.
+        if let ErrorVariant::CustomError { message } = &e.variant
+            && message.contains("call limit")
+        {
+            return vec![
+                Diagnostic::global(Code::TooDeep, "the file is too complex to parse")
+                    .with_note("shorten very long expressions or split them into `let` bindings"),
+            ];
+        }
+        vec![syntax_error(source, &e)]
+    })?;
     let Some(file) = pairs.next() else {
         return Ok(File { models: Vec::new() });
     };
@@ -64,7 +78,7 @@ pub fn parse(source: &str) -> Result<File, Vec<Diagnostic>> {
 }
 
 fn too_large(len: usize) -> Diagnostic {
-    Diagnostic::error(Code::TooLarge, Span::default(), format!("the file is too large ({len} bytes)"))
+    Diagnostic::global(Code::TooLarge, format!("the file is too large ({len} bytes)"))
         .with_note(format!("flashc reads model files of at most {MAX_SOURCE_BYTES} bytes"))
 }
 
@@ -186,10 +200,10 @@ fn depth(e: &Expr) -> usize {
 
 fn build_expr(pair: Pair<'_, Rule>) -> Result<Expr, Vec<Diagnostic>> {
     let e = build_node(pair)?;
-    if depth(&e) > 4 * MAX_DEPTH {
+    if depth(&e) > MAX_EXPR_DEPTH {
         return Err(vec![
             Diagnostic::error(Code::TooDeep, e.span, "this expression is nested too deeply")
-                .with_note(format!("flashc accepts expressions at most {} levels deep", 4 * MAX_DEPTH)),
+                .with_note(format!("flashc accepts expressions at most {MAX_EXPR_DEPTH} levels deep")),
         ]);
     }
     Ok(e)

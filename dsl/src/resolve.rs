@@ -21,7 +21,11 @@ use crate::spec::{
 /// Largest accepted size (width, head count, vocabulary, ...).
 pub const MAX_SIZE: u64 = 1 << 32;
 
-/// Most layers a stack may expand to (and most elements of any list value).
+/// Deepest chain of bindings referring to bindings (or blocks containing blocks) that is followed.
+pub const MAX_CHAIN_DEPTH: usize = 128;
+
+/// Most layers a stack may expand to (and most elements of any list value, nested lists counted
+/// element by element).
 pub const MAX_LAYERS: usize = 65_536;
 
 /// Model-level settings and whether each is required.
@@ -83,7 +87,7 @@ pub fn resolve(file: &File) -> Result<(ModelSpec, Vec<Diagnostic>), Vec<Diagnost
         [m] => m,
         [] => {
             return Err(vec![
-                Diagnostic::error(Code::NoModel, Span::default(), "this file defines no model")
+                Diagnostic::global(Code::NoModel, "this file defines no model")
                     .with_help("a model file starts with `model NAME { ... }`"),
             ]);
         }
@@ -206,6 +210,10 @@ struct Resolver<'a> {
     expanded: BTreeMap<String, Option<Rc<Vec<ProtoLayer>>>>,
     /// Blocks being expanded, outermost first (for recursion reports).
     expanding: Vec<String>,
+    /// Inline operators by source location.
+    inline_ops: BTreeMap<Span, Option<Operator>>,
+    /// Required settings that appear misspelled (reported once, as the typo).
+    misspelled: BTreeSet<String>,
 }
 
 impl<'a> Resolver<'a> {
@@ -221,6 +229,8 @@ impl<'a> Resolver<'a> {
             hidden: None,
             expanded: BTreeMap::new(),
             expanding: Vec::new(),
+            inline_ops: BTreeMap::new(),
+            misspelled: BTreeSet::new(),
         }
         .collect(model)
     }
@@ -245,7 +255,10 @@ impl<'a> Resolver<'a> {
                         )
                         .with_label("not a model setting");
                         d = match did_you_mean(&key.name, MODEL_SETTINGS.iter().map(|(k, _)| *k)) {
-                            Some(s) => d.with_help(format!("did you mean `{s}`?")),
+                            Some(s) => {
+                                self.misspelled.insert(s.to_string());
+                                d.with_help(format!("did you mean `{s}`?"))
+                            }
                             None => d.with_help(format!(
                                 "to define a value of your own, write `let {} = ...`; model settings are {}",
                                 key.name,
@@ -425,6 +438,15 @@ impl<'a> Resolver<'a> {
             }
             return None;
         }
+        if self.visiting.len() >= MAX_CHAIN_DEPTH {
+            self.err(
+                Diagnostic::error(Code::TooDeep, def.name.span, "definitions refer to each other too deeply")
+                    .with_label(format!("more than {MAX_CHAIN_DEPTH} definitions deep"))
+                    .with_note("flashc follows chains of at most this many bindings"),
+            );
+            self.cache.insert(name.name.clone(), None);
+            return None;
+        }
         self.visiting.push((name.name.clone(), def.name.span));
         let v = self.eval(def.value);
         self.visiting.pop();
@@ -471,11 +493,18 @@ impl<'a> Resolver<'a> {
             ExprKind::List(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 let mut ok = true;
+                let mut size = 0usize;
                 for it in items {
                     match self.eval(it) {
-                        Some(v) => out.push(Spanned { value: v, span: it.span }),
+                        Some(v) => {
+                            size = size.saturating_add(flat_len(&v));
+                            out.push(Spanned { value: v, span: it.span });
+                        }
                         None => ok = false,
                     }
+                }
+                if size > MAX_LAYERS {
+                    return self.too_many(e.span);
                 }
                 ok.then_some(Value::List(out))
             }
@@ -614,7 +643,8 @@ impl<'a> Resolver<'a> {
             (BinOp::Concat, l, r) => {
                 let l = self.as_list(l, ls)?;
                 let r = self.as_list(r, rs)?;
-                if l.len() + r.len() > MAX_LAYERS {
+                let size = |v: &[Spanned]| v.iter().map(|x| flat_len(&x.value)).fold(0usize, usize::saturating_add);
+                if size(&l).saturating_add(size(&r)) > MAX_LAYERS {
                     return self.too_many(span);
                 }
                 Some(List(l.into_iter().chain(r).collect()))
@@ -628,7 +658,8 @@ impl<'a> Resolver<'a> {
                     return None;
                 }
                 let n = n as usize;
-                if items.len().saturating_mul(n) > MAX_LAYERS {
+                let size = items.iter().map(|x| flat_len(&x.value)).fold(0usize, usize::saturating_add);
+                if size.saturating_mul(n) > MAX_LAYERS {
                     return self.too_many(span);
                 }
                 let mut out = Vec::with_capacity(items.len() * n);
@@ -877,6 +908,9 @@ impl<'a> Resolver<'a> {
     }
 
     fn missing_setting(&mut self, key: &str, model: &Model) {
+        if self.misspelled.contains(key) {
+            return;
+        }
         let example = match key {
             "layers" => "layers = [A, F] * 12",
             "vocab" => "vocab = 32000",
@@ -991,6 +1025,17 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// An operator written inline in a list, checked once per source location (a repeated list
+    /// reports its errors once).
+    fn inline_op(&mut self, v: &Value, span: Span) -> Option<Operator> {
+        if let Some(o) = self.inline_ops.get(&span) {
+            return o.clone();
+        }
+        let o = self.operator(v, span);
+        self.inline_ops.insert(span, o.clone());
+        o
+    }
+
     fn unknown_operator(&mut self, kind: &str, span: Span) {
         let mut d = Diagnostic::error(Code::UnknownOperator, span, format!("unknown operator kind `{kind}`"))
             .with_label("not an operator kind");
@@ -1040,7 +1085,10 @@ impl<'a> Resolver<'a> {
         )?;
         let heads = a.pos_int(self, "heads", None);
         let heads_span = a.span_of("heads").unwrap_or(call.span);
-        let kv_heads = a.pos_int(self, "kv_heads", heads);
+        let kv_heads = match a.take("kv_heads") {
+            Some(v) => self.want_size(&v.value, v.span, "`kv_heads`", 1),
+            None => heads,
+        };
         let head_dim = match a.take("head_dim") {
             Some(v) => self.want_size(&v.value, v.span, "`head_dim`", 1),
             None => heads.and_then(|h| self.default_head_dim(h, heads_span, "attention")),
@@ -1075,7 +1123,13 @@ impl<'a> Resolver<'a> {
         a.finish(self);
         let (heads, kv_heads, head_dim, rope) = (heads?, kv_heads?, head_dim?, rope?);
         if heads % kv_heads != 0 {
-            let divisors: Vec<String> = (1..=heads).filter(|d| heads % d == 0).map(|d| d.to_string()).collect();
+            let help = if heads <= 4096 {
+                let divisors: Vec<String> =
+                    (1..=heads).filter(|d| heads.is_multiple_of(*d)).map(|d| d.to_string()).collect();
+                format!("choose `kv_heads` among {}", divisors.join(", "))
+            } else {
+                "choose `kv_heads` that divides `heads`".to_string()
+            };
             let kv_span = a.span_of("kv_heads").unwrap_or(call.span);
             self.err(
                 Diagnostic::error(
@@ -1085,7 +1139,7 @@ impl<'a> Resolver<'a> {
                 )
                 .with_label("every key/value head must serve the same number of query heads")
                 .with_secondary(heads_span, format!("{heads} query heads"))
-                .with_help(format!("choose `kv_heads` among {}", divisors.join(", "))),
+                .with_help(help),
             );
             return None;
         }
@@ -1166,7 +1220,10 @@ impl<'a> Resolver<'a> {
             Some(v) => self.want_size(&v.value, v.span, "`head_dim`", 1),
             None => heads.and_then(|h| self.default_head_dim(h, heads_span, "deltanet")),
         };
-        let v_head_dim = a.pos_int(self, "v_head_dim", head_dim);
+        let v_head_dim = match a.take("v_head_dim") {
+            Some(v) => self.want_size(&v.value, v.span, "`v_head_dim`", 1),
+            None => head_dim,
+        };
         let conv = a.pos_int(self, "conv", Some(4));
         let conv_bias = a.bool(self, "conv_bias", false);
         let qk_l2norm = a.bool(self, "qk_l2norm", true);
@@ -1410,6 +1467,14 @@ impl<'a> Resolver<'a> {
             return Err(Failed::Reported);
         }
         let Some(def) = self.defs.get(name).copied() else { return Err(Failed::Reported) };
+        if self.expanding.len() >= MAX_CHAIN_DEPTH {
+            self.err(
+                Diagnostic::error(Code::TooDeep, use_span, "blocks are nested too deeply")
+                    .with_label(format!("more than {MAX_CHAIN_DEPTH} blocks deep")),
+            );
+            self.expanded.insert(name.to_string(), None);
+            return Err(Failed::Reported);
+        }
         let Some(body) = self.block_body(name) else {
             self.expanded.insert(name.to_string(), None);
             return Err(Failed::Reported);
@@ -1448,7 +1513,7 @@ impl<'a> Resolver<'a> {
                 }
                 None => result = Err(Failed::Reported),
             },
-            Value::Call(c) if OPERATOR_KINDS.contains(&c.callee.name.as_str()) => match self.operator(v, span) {
+            Value::Call(c) if OPERATOR_KINDS.contains(&c.callee.name.as_str()) => match self.inline_op(v, span) {
                 Some(op) => {
                     let layer = ProtoLayer { name: c.callee.name.clone(), blocks: Vec::new(), op, span };
                     self.push_layers(out, vec![layer], span)?;
@@ -1917,6 +1982,14 @@ impl Num {
             Num::Int(i) => Value::Int(i),
             Num::Float(f) => Value::Float(f),
         }
+    }
+}
+
+/// The number of elements of a value with nested lists counted element by element.
+fn flat_len(v: &Value) -> usize {
+    match v {
+        Value::List(items) => items.iter().map(|x| flat_len(&x.value)).fold(0usize, usize::saturating_add),
+        _ => 1,
     }
 }
 
