@@ -274,7 +274,8 @@ impl<'a> Lowerer<'a> {
             let q3 = self.reshape(q, vec![b(), d(hq), d(hd)])?;
             self.v(Op::AttentionDecode { window: a.window, scale }, &[q3, kc2, vc2, start])?
         } else {
-            let n = self.node(Op::AttentionPrefill { window: a.window, scale }, &[q, k, vv, kc, vc, start])?;
+            let lens = self.lens.ok_or("no lens input")?;
+            let n = self.node(Op::AttentionPrefill { window: a.window, scale }, &[q, k, vv, kc, vc, start, lens])?;
             self.state_out(format!("layers.{i}.k_cache"), Value::new(n, 1));
             self.state_out(format!("layers.{i}.v_cache"), Value::new(n, 2));
             Value::from(n)

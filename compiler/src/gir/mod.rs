@@ -32,12 +32,6 @@ pub use types::{DType, TensorType};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct NodeId(pub u32);
 
-impl NodeId {
-    fn index(self) -> NodeIndex<u32> {
-        NodeIndex::new(self.0 as usize)
-    }
-}
-
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "%{}", self.0)
@@ -101,6 +95,8 @@ impl Mode {
 pub struct Node {
     pub op: Op,
     pub types: Vec<TensorType>,
+    /// The node's own id (petgraph's index is an implementation detail that may be reused).
+    id: NodeId,
 }
 
 /// An edge: which result of the source feeds which operand of the target.
@@ -118,6 +114,10 @@ pub struct Graph {
     /// The mode of a top-level graph; `None` for fused bodies.
     pub mode: Option<Mode>,
     g: StableGraph<Node, Edge, petgraph::Directed, u32>,
+    /// Node id → petgraph index. Ids are never reused, so dumps before and after a pass agree on
+    /// every node that survives it.
+    index: BTreeMap<NodeId, NodeIndex<u32>>,
+    next_id: u32,
     outputs: Vec<(String, Value)>,
     /// Side table: the layer index each node was lowered from.
     pub origin: BTreeMap<NodeId, u32>,
@@ -146,7 +146,15 @@ impl<'de> Deserialize<'de> for Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph { name: name.into(), mode: None, g: StableGraph::default(), outputs: Vec::new(), origin: BTreeMap::new() }
+        Graph {
+            name: name.into(),
+            mode: None,
+            g: StableGraph::default(),
+            index: BTreeMap::new(),
+            next_id: 0,
+            outputs: Vec::new(),
+            origin: BTreeMap::new(),
+        }
     }
 
     /// Adds a node whose result types are inferred from its operands.
@@ -166,28 +174,49 @@ impl Graph {
     /// Adds a node with the given result types, unchecked (the parser and passes that build nodes of
     /// known type use this; the verifier re-checks).
     pub fn add_typed(&mut self, op: Op, types: Vec<TensorType>, operands: &[Value]) -> NodeId {
-        let id = NodeId(self.g.add_node(Node { op, types }).index() as u32);
-        for (i, v) in operands.iter().enumerate() {
-            self.g.add_edge(v.node.index(), id.index(), Edge { result: v.result, operand: i as u16 });
-        }
+        let id = NodeId(self.next_id);
+        self.insert(id, op, types, operands);
         id
     }
 
+    /// Adds a node under a given id (the parser restores ids this way). Ids at or above the next
+    /// fresh id move the counter past them.
+    pub(crate) fn insert(&mut self, id: NodeId, op: Op, types: Vec<TensorType>, operands: &[Value]) {
+        let ix = self.g.add_node(Node { op, types, id });
+        self.index.insert(id, ix);
+        self.next_id = self.next_id.max(id.0 + 1);
+        for (i, v) in operands.iter().enumerate() {
+            if let Some(&src) = self.index.get(&v.node) {
+                self.g.add_edge(src, ix, Edge { result: v.result, operand: i as u16 });
+            }
+        }
+    }
+
+    fn ix(&self, n: NodeId) -> Option<NodeIndex<u32>> {
+        self.index.get(&n).copied()
+    }
+
+    fn id_of(&self, ix: NodeIndex<u32>) -> NodeId {
+        self.g[ix].id
+    }
+
     pub fn contains(&self, n: NodeId) -> bool {
-        self.g.contains_node(n.index())
+        self.index.contains_key(&n)
     }
 
     pub fn node(&self, n: NodeId) -> Option<&Node> {
-        self.g.node_weight(n.index())
+        self.ix(n).and_then(|ix| self.g.node_weight(ix))
     }
 
     pub fn node_mut(&mut self, n: NodeId) -> Option<&mut Node> {
-        self.g.node_weight_mut(n.index())
+        let ix = self.ix(n)?;
+        self.g.node_weight_mut(ix)
     }
 
-    /// The op of a node (panics only on a dangling id, which is an internal error).
+    /// The op of a node. A dangling id is an internal error; it reads as `zeros`.
     pub fn op(&self, n: NodeId) -> &Op {
-        &self.g[n.index()].op
+        const DANGLING: Op = Op::Zeros;
+        self.node(n).map(|x| &x.op).unwrap_or(&DANGLING)
     }
 
     /// The type of a value, or an error naming it.
@@ -197,9 +226,7 @@ impl Graph {
 
     /// Node ids in increasing order.
     pub fn node_ids(&self) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = self.g.node_indices().map(|i| NodeId(i.index() as u32)).collect();
-        v.sort();
-        v
+        self.index.keys().copied().collect()
     }
 
     pub fn len(&self) -> usize {
@@ -212,21 +239,16 @@ impl Graph {
 
     /// The operands of a node, in slot order.
     pub fn operands(&self, n: NodeId) -> Vec<Value> {
-        let mut ins: Vec<(u16, Value)> = self
-            .g
-            .edges_directed(n.index(), Direction::Incoming)
-            .map(|e| (e.weight().operand, Value::new(NodeId(e.source().index() as u32), e.weight().result)))
-            .collect();
-        ins.sort();
-        ins.into_iter().map(|(_, v)| v).collect()
+        self.operand_slots(n).into_iter().map(|(_, v)| v).collect()
     }
 
     /// The operand slots of a node as `(slot, value)`, including duplicates (for the verifier).
     pub fn operand_slots(&self, n: NodeId) -> Vec<(u16, Value)> {
+        let Some(ix) = self.ix(n) else { return Vec::new() };
         let mut ins: Vec<(u16, Value)> = self
             .g
-            .edges_directed(n.index(), Direction::Incoming)
-            .map(|e| (e.weight().operand, Value::new(NodeId(e.source().index() as u32), e.weight().result)))
+            .edges_directed(ix, Direction::Incoming)
+            .map(|e| (e.weight().operand, Value::new(self.id_of(e.source()), e.weight().result)))
             .collect();
         ins.sort();
         ins
@@ -234,11 +256,12 @@ impl Graph {
 
     /// Every `(user, operand slot)` reading `v`, sorted.
     pub fn users(&self, v: Value) -> Vec<(NodeId, u16)> {
+        let Some(ix) = self.ix(v.node) else { return Vec::new() };
         let mut out: Vec<(NodeId, u16)> = self
             .g
-            .edges_directed(v.node.index(), Direction::Outgoing)
+            .edges_directed(ix, Direction::Outgoing)
             .filter(|e| e.weight().result == v.result)
-            .map(|e| (NodeId(e.target().index() as u32), e.weight().operand))
+            .map(|e| (self.id_of(e.target()), e.weight().operand))
             .collect();
         out.sort();
         out
@@ -246,8 +269,9 @@ impl Graph {
 
     /// Nodes reading any result of `n`, sorted and deduplicated.
     pub fn successors(&self, n: NodeId) -> Vec<NodeId> {
+        let Some(ix) = self.ix(n) else { return Vec::new() };
         let set: BTreeSet<NodeId> =
-            self.g.edges_directed(n.index(), Direction::Outgoing).map(|e| NodeId(e.target().index() as u32)).collect();
+            self.g.edges_directed(ix, Direction::Outgoing).map(|e| self.id_of(e.target())).collect();
         set.into_iter().collect()
     }
 
@@ -283,21 +307,38 @@ impl Graph {
 
     /// Points operand `slot` of `n` at `v`.
     pub fn set_operand(&mut self, n: NodeId, slot: u16, v: Value) {
+        let (Some(ix), Some(src)) = (self.ix(n), self.ix(v.node)) else { return };
         let old: Vec<_> = self
             .g
-            .edges_directed(n.index(), Direction::Incoming)
+            .edges_directed(ix, Direction::Incoming)
             .filter(|e| e.weight().operand == slot)
             .map(|e| e.id())
             .collect();
         for e in old {
             self.g.remove_edge(e);
         }
-        self.g.add_edge(v.node.index(), n.index(), Edge { result: v.result, operand: slot });
+        self.g.add_edge(src, ix, Edge { result: v.result, operand: slot });
+    }
+
+    /// Replaces all operands of `n` (their number may change).
+    pub fn set_operands(&mut self, n: NodeId, operands: &[Value]) {
+        let Some(ix) = self.ix(n) else { return };
+        let old: Vec<_> = self.g.edges_directed(ix, Direction::Incoming).map(|e| e.id()).collect();
+        for e in old {
+            self.g.remove_edge(e);
+        }
+        for (i, v) in operands.iter().enumerate() {
+            if let Some(src) = self.ix(v.node) {
+                self.g.add_edge(src, ix, Edge { result: v.result, operand: i as u16 });
+            }
+        }
     }
 
     /// Removes a node and its edges (its users must have been redirected first).
     pub fn remove(&mut self, n: NodeId) {
-        self.g.remove_node(n.index());
+        if let Some(ix) = self.index.remove(&n) {
+            self.g.remove_node(ix);
+        }
         self.origin.remove(&n);
     }
 
@@ -306,8 +347,7 @@ impl Graph {
     pub fn topo_order(&self) -> Result<Vec<NodeId>, Vec<NodeId>> {
         let mut indeg: BTreeMap<NodeId, usize> = BTreeMap::new();
         for n in self.node_ids() {
-            let preds: BTreeSet<u32> =
-                self.g.edges_directed(n.index(), Direction::Incoming).map(|e| e.source().index() as u32).collect();
+            let preds: BTreeSet<NodeId> = self.operands(n).iter().map(|v| v.node).collect();
             indeg.insert(n, preds.len());
         }
         let mut ready: BTreeSet<NodeId> = indeg.iter().filter(|(_, d)| **d == 0).map(|(n, _)| *n).collect();

@@ -167,10 +167,11 @@ pub enum Op {
     /// `(start[b] + t) mod C` (a ring buffer when `C` is a sliding window). In place on operand 0.
     KvWrite,
     /// `(q [B, T, Hq, d], k [B, T, Hkv, d], v [B, T, Hkv, d], kcache [B, C, Hkv, d], vcache, start
-    /// i32[B]) → (o [B, T, Hq, d], kcache', vcache')`: causal GQA softmax attention of the new tokens
-    /// (at positions `start[b] + t`) over the cached prefix (positions `< start[b]`, read from the
-    /// caches) and the new keys, which are then written to the caches as `KvWrite` does (in place on
-    /// operands 3 and 4). With `window`, a query at position p sees keys at positions > p − window.
+    /// i32[B], lens i32[B]) → (o [B, T, Hq, d], kcache', vcache')`: causal GQA softmax attention of
+    /// the new tokens (at positions `start[b] + t`) over the cached prefix (positions `< start[b]`,
+    /// read from the caches) and the new keys; then the `lens[b]` valid new keys are written to the
+    /// caches as `KvWrite` does (in place on operands 3 and 4; padding never overwrites a slot). With
+    /// `window`, a query at position p sees keys at positions > p − window.
     AttentionPrefill { window: Option<u64>, scale: f64 },
     /// `(q [B, Hq, d], kcache [B, C, Hkv, d], vcache, start i32[B]) → [B, Hq, d]`: one new token per
     /// sequence at position `start[b]`, attending to cached positions `0 ..= start[b]` (after this
@@ -835,8 +836,9 @@ fn infer(op: &Op, ins: &[&TensorType], declared: Option<&[TensorType]>) -> Resul
             one(cache.clone())
         }
         Op::AttentionPrefill { .. } => {
-            arity(op, ins, 6)?;
+            arity(op, ins, 7)?;
             let (q, k, v, kc, vc, start) = (ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]);
+            index_vec("lens", ins[6], &q.shape[0])?;
             for (w, t) in [("q", q), ("k", k), ("v", v), ("k cache", kc), ("v cache", vc)] {
                 rank(w, t, 4)?;
             }

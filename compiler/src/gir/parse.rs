@@ -78,50 +78,33 @@ fn parse_body(lines: &[(usize, &str)], pos: &mut usize, g: &mut Graph) -> Result
             .map_err(|e| if e.starts_with("line ") { e } else { format!("line {ln}: {e}") })?;
         pending.push(p);
     }
-    // Place nodes under their ids: fill gaps with placeholders, then remove them.
-    let max = pending.iter().map(|p| p.id).max().map(|m| m as usize + 1).unwrap_or(0);
-    let mut by_id: BTreeMap<u32, usize> = BTreeMap::new();
-    for (i, p) in pending.iter().enumerate() {
-        if by_id.insert(p.id, i).is_some() {
-            return Err(format!("line {}: %{} is defined twice", p.line, p.id));
-        }
-    }
-    let mut placeholders = Vec::new();
-    for id in 0..max as u32 {
-        let n = g.add_typed(Op::Zeros, Vec::new(), &[]);
-        debug_assert_eq!(n, NodeId(id));
-        if !by_id.contains_key(&id) {
-            placeholders.push(n);
-        }
-    }
+    // Add nodes under their ids, in text order (operands are defined before use).
+    let mut types_of: BTreeMap<u32, usize> = BTreeMap::new();
     for p in &pending {
         for v in &p.operands {
-            let ok = by_id.get(&v.node.0).is_some_and(|i| (v.result as usize) < pending[*i].types.len());
+            let ok = types_of.get(&v.node.0).is_some_and(|n| (v.result as usize) < *n);
             if !ok {
-                return Err(format!("line {}: %{} uses {v}, which is not defined", p.line, p.id));
+                return Err(format!("line {}: %{} uses {v}, which is not defined above it", p.line, p.id));
             }
+        }
+        if types_of.insert(p.id, p.types.len()).is_some() {
+            return Err(format!("line {}: %{} is defined twice", p.line, p.id));
         }
     }
     for p in pending {
         let id = NodeId(p.id);
-        if let Some(node) = g.node_mut(id) {
-            node.op = p.op;
-            node.types = p.types;
-        }
-        for (slot, v) in p.operands.iter().enumerate() {
-            g.set_operand(id, slot as u16, *v);
-        }
+        g.insert(id, p.op, p.types, &p.operands);
         if let Some(o) = p.origin {
             g.origin.insert(id, o);
         }
-    }
-    for n in placeholders {
-        g.remove(n);
     }
     for (name, v, ln) in outputs {
         let v = parse_value(&v).map_err(|e| format!("line {ln}: {e}"))?;
         if g.ty(v).is_err() {
             return Err(format!("line {ln}: output {name:?} names {v}, which is not defined"));
+        }
+        if g.outputs().iter().any(|(n, _)| *n == name) {
+            return Err(format!("line {ln}: output {name:?} is defined twice"));
         }
         g.set_output(name, v);
     }

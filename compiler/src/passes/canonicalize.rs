@@ -16,8 +16,7 @@
 //!
 //! Preconditions: the graph is acyclic (the verifier holds).
 //! Postconditions: no rule matches anywhere; result types, outputs' types and in-place updates are
-//! unchanged. A node rewritten to another op keeps its `origin` entry and, as a rule, its id (one whose
-//! operand count changes is rebuilt, and the new node takes over its uses and its layer). A node
+//! unchanged. A node rewritten to another op keeps its id, its uses and its `origin` entry. A node
 //! rewritten to an existing value is removed once its uses read that value. Nodes a rewrite leaves
 //! unused (the inner `neg` of `neg(neg(x))`) are left for `dce`. Deterministic; running the pass again
 //! changes nothing.
@@ -167,38 +166,13 @@ fn apply(g: &mut Graph, n: NodeId, rewrite: Rewrite) -> Option<NodeId> {
             g.remove(n);
             None
         }
-        Rewrite::Op(op, operands) if operands.len() == g.operands(n).len() => {
+        Rewrite::Op(op, operands) => {
+            // The node keeps its id, results, uses and layer; only its op and operands change.
             if let Some(node) = g.node_mut(n) {
                 node.op = op;
             }
-            for (slot, v) in operands.into_iter().enumerate() {
-                g.set_operand(n, slot as u16, v);
-            }
+            g.set_operands(n, &operands);
             Some(n)
-        }
-        Rewrite::Op(op, operands) => {
-            // `Graph` cannot drop an operand slot, so a node whose arity changes is rebuilt: its
-            // uses are noted, it is removed, and the new node takes them over with its layer.
-            // petgraph hands the slot just freed straight back, so the id normally stays too.
-            let types = g.node(n)?.types.clone();
-            let layer = g.origin.get(&n).copied();
-            let uses: Vec<(u16, NodeId, u16)> = (0..types.len() as u16)
-                .flat_map(|r| g.users(Value::new(n, r)).into_iter().map(move |(user, slot)| (r, user, slot)))
-                .collect();
-            let outputs: Vec<(String, u16)> =
-                g.outputs().iter().filter(|(_, v)| v.node == n).map(|(name, v)| (name.clone(), v.result)).collect();
-            g.remove(n);
-            let new = g.add_typed(op, types, &operands);
-            if let Some(layer) = layer {
-                g.origin.insert(new, layer);
-            }
-            for (r, user, slot) in uses {
-                g.set_operand(user, slot, Value::new(new, r));
-            }
-            for (name, r) in outputs {
-                g.set_output(name, Value::new(new, r));
-            }
-            Some(new)
         }
     }
 }
