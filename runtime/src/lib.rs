@@ -11,3 +11,5 @@
 //!
 //! Devices, weights and sessions arrive with the runtime work; the crate exists now so the workspace
 //! shows the whole pipeline.
+
+pub mod cpu;
