@@ -8,6 +8,6 @@
 //! - all devices are driven by the same program and the same compiled host schedule;
 //! - bad input (corrupt or mismatched safetensors, a missing GPU) is a clear error, never a panic, and
 //!   nothing is written half-way.
-//!
 
+pub mod cpu;
 pub mod weights;
