@@ -171,6 +171,32 @@ impl Dim {
         self.terms.values().all(|c| *c >= 0)
     }
 
+    /// Whether the value is ≥ 0 for every batch and token count ≥ 1 and every cache length ≥ 0 (a
+    /// sufficient check: after substituting `B = 1 + b`, `T = 1 + t`, every coefficient is ≥ 0). So
+    /// `T - 1` is non-negative, `S - 1` is not.
+    pub fn is_nonneg_at_runtime(&self) -> bool {
+        let mut shifted = Dim::default();
+        for (m, c) in &self.terms {
+            // c·(1 + b)^i·(1 + t)^j·S^k, expanded with binomial coefficients.
+            let mut acc = Dim::constant(*c);
+            for (sym, power) in [(Sym::B, m[0]), (Sym::T, m[1])] {
+                let mut expanded = Dim::default();
+                for r in 0..=power {
+                    let coef = binomial(power, r);
+                    let mut mono = [0u8; 3];
+                    mono[sym as usize] = r;
+                    expanded = expanded.add(&Dim { terms: BTreeMap::from([(mono, coef)]) });
+                }
+                acc = acc.mul(&expanded);
+            }
+            for _ in 0..m[2] {
+                acc = acc.mul(&Dim::sym(Sym::S));
+            }
+            shifted = shifted.add(&acc);
+        }
+        shifted.is_nonneg()
+    }
+
     /// Parses the printed form (`2048`, `B*T`, `T + 256`, `2*B*S - 1`).
     pub fn parse(text: &str) -> Result<Dim, String> {
         let t: String = text.chars().filter(|c| !c.is_whitespace()).collect();
@@ -211,6 +237,10 @@ impl Dim {
         flush(&term, sign, &mut out)?;
         Ok(out)
     }
+}
+
+fn binomial(n: u8, k: u8) -> i64 {
+    (0..k).fold(1i64, |acc, i| acc * i64::from(n - i) / i64::from(i + 1))
 }
 
 impl From<i64> for Dim {
@@ -294,5 +324,9 @@ mod tests {
         assert!(Dim::parse("B*x").is_err());
         assert_eq!(b.mul(&t).scale(4).div_exact(2).unwrap().to_string(), "2*B*T");
         assert!(b.scale(3).div_exact(2).is_none());
+        assert!(Dim::parse("T - 1").unwrap().is_nonneg_at_runtime());
+        assert!(Dim::parse("B*T - B").unwrap().is_nonneg_at_runtime());
+        assert!(!Dim::parse("S - 1").unwrap().is_nonneg_at_runtime());
+        assert!(!Dim::parse("T - 2").unwrap().is_nonneg_at_runtime());
     }
 }

@@ -643,7 +643,7 @@ fn infer(op: &Op, ins: &[&TensorType], declared: Option<&[TensorType]>) -> Resul
             arity(op, ins, 1)?;
             let a = *axis as usize;
             let Some(full) = ins[0].shape.get(a) else { return Err(format!("axis {a} out of range for {}", ins[0])) };
-            if !start.is_nonneg() || !full.sub(&start.add(len)).is_nonneg() {
+            if !start.is_nonneg_at_runtime() || !full.sub(&start.add(len)).is_nonneg_at_runtime() {
                 return Err(format!("slice {start}..{start} + {len} does not fit axis of length {full}"));
             }
             let mut shape = ins[0].shape.clone();

@@ -88,19 +88,20 @@ pub fn kv_write(dims: &AttentionDims, cache: &mut [f32], new: &[f32], start: &[i
     check_dims(OP, "cache", cache.len(), &[batch, capacity, kv_heads, head_dim])?;
     check_dims(OP, "new", new.len(), &[batch, tokens, kv_heads, head_dim])?;
     let start = positions(OP, start, batch, tokens)?;
-    write_cache(dims, cache, new, &start);
+    write_cache(dims, cache, new, &start, &vec![dims.tokens; dims.batch]);
     Ok(())
 }
 
 /// `kv_write` after validation.
-fn write_cache(dims: &AttentionDims, cache: &mut [f32], new: &[f32], start: &[usize]) {
+/// Writes the first `count[b]` new rows of each sequence to slots `(start[b] + t) mod C`.
+fn write_cache(dims: &AttentionDims, cache: &mut [f32], new: &[f32], start: &[usize], count: &[usize]) {
     let AttentionDims { tokens, kv_heads, head_dim, capacity, .. } = *dims;
     let row = kv_heads * head_dim;
     if row == 0 {
         return;
     }
     cache.par_chunks_mut(capacity * row).enumerate().for_each(|(b, cb)| {
-        for t in 0..tokens {
+        for t in 0..count[b].min(tokens) {
             let slot = (start[b] + t) % capacity;
             cb[slot * row..(slot + 1) * row].copy_from_slice(&new[(b * tokens + t) * row..(b * tokens + t + 1) * row]);
         }
@@ -108,7 +109,7 @@ fn write_cache(dims: &AttentionDims, cache: &mut [f32], new: &[f32], start: &[us
 }
 
 /// `attention_prefill (q [B, T, Hq, d], k [B, T, Hkv, d], v [B, T, Hkv, d], kcache [B, C, Hkv, d], vcache,
-/// start i32[B]) → (o [B, T, Hq, d], kcache', vcache')`.
+/// start i32[B], lens i32[B]) → (o [B, T, Hq, d], kcache', vcache')`.
 ///
 /// New token `t` of sequence `b` sits at position `p = start[b] + t` and attends causally (keys at
 /// positions `≤ p`), with `window` only to keys at positions `> p − window`. Keys and values at positions
@@ -128,6 +129,7 @@ pub fn attention_prefill(
     kcache: &mut [f32],
     vcache: &mut [f32],
     start: &[i32],
+    lens: &[i32],
     window: Option<usize>,
     scale: f64,
     o: &mut [f32],
@@ -143,6 +145,14 @@ pub fn attention_prefill(
     check_len(OP, "vcache", vcache.len(), kcache.len())?;
     check_len(OP, "o", o.len(), q.len())?;
     let start = positions(OP, start, batch, tokens)?;
+    check_len(OP, "lens", lens.len(), batch)?;
+    let mut count = Vec::with_capacity(batch);
+    for (b, &l) in lens.iter().enumerate() {
+        if l < 0 || l as usize > tokens {
+            return Err(index_err(OP, format!("lens[{b}] = {l} is outside 0..={tokens}")));
+        }
+        count.push(l as usize);
+    }
     for (b, &s) in start.iter().enumerate() {
         if tokens > 0 && s - first_visible(s, window) > capacity {
             return Err(index_err(
@@ -172,8 +182,10 @@ pub fn attention_prefill(
             attend(&q[i * d..(i + 1) * d], first_visible(p, window), p, scale, key, value, orow);
         });
     }
-    write_cache(dims, kcache, k, &start);
-    write_cache(dims, vcache, v, &start);
+    // Only valid tokens are written: right-padding must not overwrite ring-buffer slots that later
+    // queries still read.
+    write_cache(dims, kcache, k, &start, &count);
+    write_cache(dims, vcache, v, &start, &count);
     Ok(())
 }
 
@@ -379,7 +391,20 @@ mod tests {
             let mut vc = cache_of(&vf, batch, len, row, cap, start, &mut rng);
             let start_i: Vec<i32> = start.iter().map(|&s| s as i32).collect();
             let mut o = vec![f32::NAN; q.len()];
-            attention_prefill(&dims, &q, &k, &v, &mut kc, &mut vc, &start_i, window, 0.3, &mut o).unwrap();
+            attention_prefill(
+                &dims,
+                &q,
+                &k,
+                &v,
+                &mut kc,
+                &mut vc,
+                &start_i,
+                &vec![tokens as i32; batch],
+                window,
+                0.3,
+                &mut o,
+            )
+            .unwrap();
             let want = naive(&dims, len, &q, &kf, &vf, start, window, 0.3);
             assert_close(&format!("attention_prefill {dims:?} {window:?}"), &o, &want, 1e-5);
             // The caches now hold the last C positions written.
@@ -415,7 +440,20 @@ mod tests {
             let mut kc = vec![0.0; batch * cap * row];
             let mut vc = kc.clone();
             let mut o_full = vec![0.0; qf.len()];
-            attention_prefill(&dims1, &qf, &kf, &vf, &mut kc, &mut vc, &[0, 0], window, 0.35, &mut o_full).unwrap();
+            attention_prefill(
+                &dims1,
+                &qf,
+                &kf,
+                &vf,
+                &mut kc,
+                &mut vc,
+                &[0, 0],
+                &[len as i32; 2],
+                window,
+                0.35,
+                &mut o_full,
+            )
+            .unwrap();
             // Prefill over T tokens, then kv_write + decode for token T.
             let dims0 = AttentionDims { tokens, ..dims1 };
             let mut kc = rng.normals(batch * cap * row, 1.0);
@@ -430,6 +468,7 @@ mod tests {
                 &mut kc,
                 &mut vc,
                 &[0, 0],
+                &[tokens as i32; 2],
                 window,
                 0.35,
                 &mut o0,
@@ -459,7 +498,20 @@ mod tests {
             let mut kc = vec![0.0; batch * cap * row];
             let mut vc = kc.clone();
             let mut o_full = vec![0.0; qf.len()];
-            attention_prefill(&dims, &qf, &kf, &vf, &mut kc, &mut vc, &[0, 0], window, 0.3, &mut o_full).unwrap();
+            attention_prefill(
+                &dims,
+                &qf,
+                &kf,
+                &vf,
+                &mut kc,
+                &mut vc,
+                &[0, 0],
+                &[tokens as i32; 2],
+                window,
+                0.3,
+                &mut o_full,
+            )
+            .unwrap();
             let (kc_full, vc_full) = (kc, vc);
 
             let mut kc = vec![0.0; batch * cap * row];
@@ -475,6 +527,7 @@ mod tests {
                 &mut kc,
                 &mut vc,
                 &[0, 0],
+                &[t1 as i32; 2],
                 window,
                 0.3,
                 &mut o1,
@@ -491,6 +544,7 @@ mod tests {
                 &mut kc,
                 &mut vc,
                 &st,
+                &[(tokens - t1) as i32; 2],
                 window,
                 0.3,
                 &mut o2,
@@ -504,6 +558,31 @@ mod tests {
     }
 
     #[test]
+    fn padding_never_overwrites_ring_buffer_slots() {
+        // Window 4, ring of 4: sequence 0 has 3 valid tokens of 6, sequence 1 all 6.
+        let (batch, tokens, hq, hkv, d, cap) = (2, 6, 2, 1, 4, 4);
+        let dims = AttentionDims { batch, tokens, q_heads: hq, kv_heads: hkv, head_dim: d, capacity: cap };
+        let mut rng = Rng::new(63);
+        let q = rng.normals(batch * tokens * hq * d, 1.0);
+        let k = rng.normals(batch * tokens * hkv * d, 1.0);
+        let v = rng.normals(batch * tokens * hkv * d, 1.0);
+        let (mut kc, mut vc) = (vec![7.0; batch * cap * d], vec![7.0; batch * cap * d]);
+        let mut o = vec![0.0; q.len()];
+        attention_prefill(&dims, &q, &k, &v, &mut kc, &mut vc, &[0, 0], &[3, 6], Some(4), 0.5, &mut o).unwrap();
+        // Sequence 0: slots 0..3 hold its three tokens, slot 3 is untouched.
+        assert_eq!(kc[..3 * d], k[..3 * d]);
+        assert!(kc[3 * d..4 * d].iter().all(|x| *x == 7.0));
+        // Sequence 1: the ring holds its last four tokens (positions 2..6 in slots 2, 3, 0, 1).
+        let row = |t: usize| &k[(tokens + t) * d..(tokens + t + 1) * d];
+        assert_eq!(&kc[(cap + 2) * d..(cap + 3) * d], row(2));
+        assert_eq!(&kc[cap * d..(cap + 1) * d], row(4));
+        assert!(matches!(
+            attention_prefill(&dims, &q, &k, &v, &mut kc, &mut vc, &[0, 0], &[7, 0], None, 0.5, &mut o),
+            Err(KernelError::Index { .. })
+        ));
+    }
+
+    #[test]
     fn attention_rejects_bad_operands() {
         let dims = AttentionDims { batch: 1, tokens: 2, q_heads: 2, kv_heads: 1, head_dim: 2, capacity: 4 };
         let q = vec![0.1; 8];
@@ -512,7 +591,19 @@ mod tests {
         let mut vc = vec![0.0; 8];
         let mut o = vec![0.0; 8];
         let mut run = |dims: &AttentionDims, start: &[i32], window: Option<usize>, kc: &mut [f32], o: &mut [f32]| {
-            attention_prefill(dims, &q, &k, &k, kc, &mut vc, start, window, 1.0, o)
+            attention_prefill(
+                dims,
+                &q,
+                &k,
+                &k,
+                kc,
+                &mut vc,
+                start,
+                &vec![dims.tokens as i32; dims.batch],
+                window,
+                1.0,
+                o,
+            )
         };
         assert!(matches!(run(&dims, &[-1], None, &mut kc, &mut o), Err(KernelError::Index { .. })));
         assert!(matches!(run(&dims, &[5], None, &mut kc, &mut o), Err(KernelError::Index { .. })));
