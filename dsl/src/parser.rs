@@ -298,6 +298,9 @@ fn build_chain(pair: Pair<'_, Rule>) -> Result<Expr, Vec<Diagnostic>> {
 
 const ITEM_WORDS: &str = "a setting, `let`, `op` or `block`";
 
+/// The grammar's keywords (see `keyword` in `arch.pest`).
+const KEYWORDS: &[&str] = &["model", "let", "op", "block", "true", "false"];
+
 /// What a grammar rule means to a user, or `None` for rules that should not be mentioned.
 fn rule_words(rule: Rule) -> Option<&'static str> {
     Some(match rule {
@@ -402,6 +405,31 @@ fn syntax_error(source: &str, err: &pest::error::Error<Rule>) -> Diagnostic {
             }
             pos -= c.len_utf8();
         }
+    }
+    // A string that runs to the end of its line: point at its opening quote.
+    let line_start = source.get(..pos).and_then(|b| b.rfind('\n')).map(|i| i + 1).unwrap_or(0);
+    let line = source.get(line_start..pos).unwrap_or("");
+    if line.matches('"').count() % 2 == 1
+        && let Some(q) = line.rfind('"')
+    {
+        let at = line_start + q;
+        return Diagnostic::error(Code::Syntax, Span::new(at, at + 1), "this string is not closed")
+            .with_label("the string starts here")
+            .with_help("a string ends with `\"` on the same line");
+    }
+    // A keyword where a name was expected: pest's lookahead leaves nothing to list.
+    let before = source.get(..pos).unwrap_or("").trim_end();
+    let kw_end = before.len();
+    let kw_start = before.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || c == '_').len();
+    let keyword = &before[kw_start..kw_end];
+    if expected.is_empty() && KEYWORDS.contains(&keyword) {
+        return Diagnostic::error(
+            Code::Syntax,
+            Span::new(kw_start, kw_end),
+            format!("expected a name, found the keyword `{keyword}`"),
+        )
+        .with_label("a keyword cannot be a name")
+        .with_help(format!("`{keyword}` is reserved; choose another name"));
     }
     let found = found_token(source, pos);
     let list: Vec<String> = expected.into_iter().collect();
