@@ -21,4 +21,5 @@
 pub mod gir;
 pub mod lower;
 pub mod passes;
+pub mod schedule;
 pub mod verify;
