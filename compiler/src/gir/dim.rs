@@ -54,8 +54,8 @@ impl Bindings {
 /// A monomial: the power of each symbol (B, T, S).
 type Mono = [u8; 3];
 
-/// A polynomial in B, T, S with integer coefficients.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+/// A polynomial in B, T, S with integer coefficients. Serialises as its printed form (`2048*B*T`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Dim {
     /// Monomial → coefficient; never holds a zero coefficient.
     terms: BTreeMap<Mono, i64>,
@@ -166,6 +166,14 @@ impl Dim {
         Some((Dim { terms: BTreeMap::from([(*m, 1)]) }, *c))
     }
 
+    /// The terms as `(monomial with coefficient 1, coefficient)`, in printed order (highest degree
+    /// first).
+    pub fn terms(&self) -> Vec<(Dim, i64)> {
+        let mut terms: Vec<(&Mono, &i64)> = self.terms.iter().collect();
+        terms.sort_by(|(ma, _), (mb, _)| degree(mb).cmp(&degree(ma)).then_with(|| mb.cmp(ma)));
+        terms.into_iter().map(|(m, c)| (Dim { terms: BTreeMap::from([(*m, 1)]) }, *c)).collect()
+    }
+
     /// Whether every coefficient is non-negative (so the value is ≥ 0 for all non-negative symbols).
     pub fn is_nonneg(&self) -> bool {
         self.terms.values().all(|c| *c >= 0)
@@ -239,6 +247,10 @@ impl Dim {
     }
 }
 
+fn degree(m: &Mono) -> u32 {
+    m.iter().map(|x| u32::from(*x)).sum()
+}
+
 fn binomial(n: u8, k: u8) -> i64 {
     (0..k).fold(1i64, |acc, i| acc * i64::from(n - i) / i64::from(i + 1))
 }
@@ -268,11 +280,7 @@ impl fmt::Display for Dim {
             return f.write_str("0");
         }
         let mut terms: Vec<(&Mono, &i64)> = self.terms.iter().collect();
-        terms.sort_by(|(ma, _), (mb, _)| {
-            let da: u32 = ma.iter().map(|x| u32::from(*x)).sum();
-            let db: u32 = mb.iter().map(|x| u32::from(*x)).sum();
-            db.cmp(&da).then_with(|| mb.cmp(ma))
-        });
+        terms.sort_by(|(ma, _), (mb, _)| degree(mb).cmp(&degree(ma)).then_with(|| mb.cmp(ma)));
         for (i, (m, c)) in terms.iter().enumerate() {
             let c = **c;
             let mag = c.unsigned_abs();
@@ -296,6 +304,18 @@ impl fmt::Display for Dim {
             f.write_str(&parts.join("*"))?;
         }
         Ok(())
+    }
+}
+
+impl Serialize for Dim {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dim {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dim, D::Error> {
+        Dim::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 

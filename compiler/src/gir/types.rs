@@ -58,7 +58,8 @@ impl From<flashc_dsl::spec::DType> for DType {
 }
 
 /// The type of a gir value: element type and (symbolic) shape. A rank-0 shape is a scalar.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Serialises as its printed form (`bf16[B, T, 2048]`).
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TensorType {
     pub dtype: DType,
     pub shape: Vec<Dim>,
@@ -121,6 +122,18 @@ impl fmt::Display for TensorType {
             write!(f, "{d}")?;
         }
         f.write_str("]")
+    }
+}
+
+impl Serialize for TensorType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TensorType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TensorType, D::Error> {
+        TensorType::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 

@@ -227,7 +227,7 @@ mod tests {
   %14 = reshape[shape=[B, T, 1, 8]](%11) : f32[B, T, 1, 8]
   %15 = rope[style=\"interleaved\", theta=10000.0](%12, %1) : f32[B, T, 2, 8]
   %16 = rope[style=\"interleaved\", theta=10000.0](%13, %1) : f32[B, T, 1, 8]
-  %17 = attention_prefill[window=none, scale=0.35](%15, %16, %14, %2, %3, %1) : (f32[B, T, 2, 8], f32[B, 64, 1, 8], f32[B, 64, 1, 8])
+  %17 = attention_prefill[window=none, scale=0.35](%15, %16, %14, %2, %3, %1, %1) : (f32[B, T, 2, 8], f32[B, 64, 1, 8], f32[B, 64, 1, 8])
   output \"o\" = %17
   output \"k_cache\" = %17.1
   output \"v_cache\" = %17.2

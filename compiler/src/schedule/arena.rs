@@ -39,7 +39,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Buffer, BufferId, KernelGroup, KernelId, text};
+use super::{Buffer, BufferId, KernelGroup, KernelId};
 use crate::gir::{Bindings, Dim};
 
 /// Every arena coefficient (and so every offset) is a multiple of this many bytes.
@@ -52,7 +52,6 @@ const REFERENCE: Bindings = Bindings { b: 1, t: 4096, s: 4096 };
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ArenaPlan {
     /// The arena size in bytes.
-    #[serde(with = "text::dim")]
     pub size: Dim,
     /// The classes, in arena order.
     pub classes: Vec<ArenaClass>,
@@ -62,13 +61,10 @@ pub struct ArenaPlan {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ArenaClass {
     /// The monomials, each with coefficient 1 (`B*T`, `B*T + B`, `1` for constants).
-    #[serde(with = "text::dim")]
     pub monomials: Dim,
     /// Where the class starts in the arena.
-    #[serde(with = "text::dim")]
     pub offset: Dim,
     /// The class's bytes (the sum of its slots).
-    #[serde(with = "text::dim")]
     pub size: Dim,
     pub slots: Vec<Slot>,
 }
@@ -77,9 +73,7 @@ pub struct ArenaClass {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Slot {
     /// Where the slot starts in the arena.
-    #[serde(with = "text::dim")]
     pub offset: Dim,
-    #[serde(with = "text::dim")]
     pub size: Dim,
     /// The storage roots placed here, in lifetime order.
     pub buffers: Vec<BufferId>,
@@ -216,14 +210,8 @@ fn colour(ms: &[&Member]) -> Vec<Open> {
 }
 
 /// The terms of a polynomial as `(monomial with coefficient 1, coefficient)`.
-///
-/// `Dim` keeps its terms private, so this reads its canonical text form (`2*B*T + B - 3`), whose
-/// terms are joined by ` + ` and ` - `; a `Dim::terms` accessor would replace it.
 pub(crate) fn terms(d: &Dim) -> Vec<(Dim, i64)> {
-    if d.is_zero() {
-        return Vec::new();
-    }
-    d.to_string().replace(" - ", " + -").split(" + ").filter_map(|t| Dim::parse(t).ok()?.monomial_class()).collect()
+    d.terms()
 }
 
 /// An upper bound of `d` for non-negative B, T, S whose coefficients are multiples of `ALIGN`.

@@ -19,7 +19,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::text;
 use crate::gir::{Dim, Graph, NodeId, Op, Sym, TensorType};
 
 /// The problem size of a kernel group (see the module table for each op).
@@ -27,62 +26,18 @@ use crate::gir::{Dim, Graph, NodeId, Op, Sym, TensorType};
 #[serde(rename_all = "snake_case")]
 pub enum Launch {
     /// One work item per element.
-    Elements {
-        #[serde(with = "text::dim")]
-        n: Dim,
-    },
+    Elements { n: Dim },
     /// A reduction over the last axis: `rows` independent rows of `width` elements.
-    Rows {
-        #[serde(with = "text::dim")]
-        rows: Dim,
-        #[serde(with = "text::dim")]
-        width: Dim,
-    },
+    Rows { rows: Dim, width: Dim },
     /// `batch` independent products of an `m × k` and a `k × n` matrix.
-    Matmul {
-        #[serde(with = "text::dim")]
-        batch: Dim,
-        #[serde(with = "text::dim")]
-        m: Dim,
-        #[serde(with = "text::dim")]
-        n: Dim,
-        #[serde(with = "text::dim")]
-        k: Dim,
-    },
+    Matmul { batch: Dim, m: Dim, n: Dim, k: Dim },
     /// A causal depthwise convolution.
-    Conv {
-        #[serde(with = "text::dim")]
-        batch: Dim,
-        #[serde(with = "text::dim")]
-        tokens: Dim,
-        #[serde(with = "text::dim")]
-        channels: Dim,
-        #[serde(with = "text::dim")]
-        width: Dim,
-    },
+    Conv { batch: Dim, tokens: Dim, channels: Dim, width: Dim },
     /// Softmax attention: per (sequence, query head), `tokens` queries over at most `keys` keys.
-    Attention {
-        #[serde(with = "text::dim")]
-        batch_heads: Dim,
-        #[serde(with = "text::dim")]
-        tokens: Dim,
-        #[serde(with = "text::dim")]
-        keys: Dim,
-        #[serde(with = "text::dim")]
-        head_dim: Dim,
-    },
+    Attention { batch_heads: Dim, tokens: Dim, keys: Dim, head_dim: Dim },
     /// A recurrent mixer: per (sequence, head), `tokens` steps in chunks of `chunk`, carrying `state`
     /// elements.
-    Scan {
-        #[serde(with = "text::dim")]
-        batch_heads: Dim,
-        #[serde(with = "text::dim")]
-        tokens: Dim,
-        #[serde(with = "text::dim")]
-        chunk: Dim,
-        #[serde(with = "text::dim")]
-        state: Dim,
-    },
+    Scan { batch_heads: Dim, tokens: Dim, chunk: Dim, state: Dim },
 }
 
 impl Launch {

@@ -148,10 +148,8 @@ pub struct Buffer {
     pub name: String,
     /// The graph value the buffer holds.
     pub value: Value,
-    #[serde(with = "text::ty")]
     pub ty: TensorType,
     /// Size in bytes (`ty`'s element count × element size).
-    #[serde(with = "text::dim")]
     pub bytes: Dim,
     /// Set when the buffer shares another's storage (and then needs none of its own).
     pub alias: Option<Alias>,
@@ -159,7 +157,6 @@ pub struct Buffer {
     /// clears it before the first kernel of its lifetime.
     pub zeroed: bool,
     /// Byte offset in the arena, for arena buffers (an alias repeats its root's).
-    #[serde(with = "text::opt_dim")]
     pub offset: Option<Dim>,
     /// For arena buffers, the step kernels from the first that writes (or, for zeroed storage,
     /// uses) the storage to the last that reads or writes it, inclusive; an alias repeats its root's.
@@ -425,54 +422,5 @@ impl Scheduler<'_> {
             self.kernels.push(group)
         }
         Ok(())
-    }
-}
-
-/// Serde through the text forms: `Dim`'s derived form keys a map by monomial arrays, which JSON
-/// cannot hold, and the text is what people read anyway.
-pub(crate) mod text {
-    pub mod dim {
-        use serde::{Deserialize, Deserializer, Serializer};
-
-        use crate::gir::Dim;
-
-        pub fn serialize<S: Serializer>(d: &Dim, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_str(d)
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Dim, D::Error> {
-            Dim::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-        }
-    }
-
-    pub mod opt_dim {
-        use serde::{Deserialize, Deserializer, Serializer};
-
-        use crate::gir::Dim;
-
-        pub fn serialize<S: Serializer>(d: &Option<Dim>, s: S) -> Result<S::Ok, S::Error> {
-            match d {
-                Some(d) => s.collect_str(d),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Dim>, D::Error> {
-            Option::<String>::deserialize(d)?.map(|t| Dim::parse(&t).map_err(serde::de::Error::custom)).transpose()
-        }
-    }
-
-    pub mod ty {
-        use serde::{Deserialize, Deserializer, Serializer};
-
-        use crate::gir::TensorType;
-
-        pub fn serialize<S: Serializer>(t: &TensorType, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_str(t)
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TensorType, D::Error> {
-            TensorType::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-        }
     }
 }
