@@ -7,9 +7,10 @@ use std::path::Path;
 use flashc_dsl::diag::{self, Code, Diagnostic};
 use flashc_dsl::{ModelSpec, parser, resolve, stats};
 
-use flashc_compiler::gir::{Graph, Mode};
+use flashc_compiler::gir::{Bindings, Graph, Mode};
 use flashc_compiler::lower::{LowerOptions, lower};
 use flashc_compiler::passes::{Pass, VERIFY_BY_DEFAULT, pipeline, run_passes};
+use flashc_compiler::schedule::{Program, schedule};
 
 use crate::Emit;
 use crate::output;
@@ -105,17 +106,94 @@ pub fn check(files: &[std::path::PathBuf], deny_warnings: bool) -> CmdResult {
     if ok { Ok(()) } else { Err(Failed) }
 }
 
-pub fn info(file: &Path, json: bool) -> CmdResult {
+/// The compiled side of `flashc info`: kernels per step and activation memory per mode.
+#[derive(serde::Serialize)]
+struct CompiledInfo {
+    /// Batch and prompt length the arena figures are evaluated at.
+    batch: i64,
+    tokens: i64,
+    modes: Vec<ModeInfo>,
+}
+
+#[derive(serde::Serialize)]
+struct ModeInfo {
+    mode: &'static str,
+    /// Kernel launches per step before fusion (after cleanup) and after the full pipeline.
+    kernels_unfused: usize,
+    kernels: usize,
+    /// Weight-preparation kernels run once at load.
+    prep_kernels: usize,
+    /// The activation arena as a function of B, T, S, and its value at `batch`/`tokens`.
+    arena: String,
+    arena_bytes: i64,
+}
+
+fn compiled_info(spec: &ModelSpec, batch: i64, tokens: i64) -> Result<CompiledInfo, Failed> {
+    let mut modes = Vec::new();
+    for mode in Mode::ALL {
+        let kernels = |passes: &[Pass]| -> Result<Program, Failed> {
+            let mut g = lower(spec, &LowerOptions::new(mode)).map_err(fail)?;
+            run_passes(&mut g, passes, VERIFY_BY_DEFAULT, &mut |_, _| {}).map_err(fail)?;
+            schedule(&g).map_err(fail)
+        };
+        let unfused = kernels(&[Pass::Canonicalize, Pass::Cse, Pass::Dce])?;
+        let p = kernels(&pipeline(mode))?;
+        let (t, s) = if mode == Mode::Decode { (1, tokens) } else { (tokens, 0) };
+        let at = Bindings { b: batch, t, s };
+        modes.push(ModeInfo {
+            mode: mode.name(),
+            kernels_unfused: unfused.kernel_count(),
+            kernels: p.kernel_count(),
+            prep_kernels: p.prep.len(),
+            arena: p.arena.size.to_string(),
+            arena_bytes: p.arena_bytes(&at),
+        });
+    }
+    Ok(CompiledInfo { batch, tokens, modes })
+}
+
+pub fn info(file: &Path, json: bool, batch: i64, tokens: i64) -> CmdResult {
+    if batch < 1 || tokens < 1 {
+        return Err(fail("--batch and --tokens must be at least 1"));
+    }
     let (spec, _) = load_spec(file)?;
     let s = stats::model_stats(&spec);
+    let compiled = compiled_info(&spec, batch, tokens)?;
     let text = if json {
-        let mut t = serde_json::to_string_pretty(&s).map_err(|e| fail(format!("cannot serialise: {e}")))?;
-        t.push('\n');
-        t
+        let v = serde_json::json!({ "model": s, "compiled": compiled });
+        to_json(&v)?
     } else {
-        stats::render_info(&spec, &s)
+        let mut t = stats::render_info(&spec, &s);
+        t.push_str(&format!(
+            "kernels and activation memory (arena at B={batch}, T={tokens}; decode with S={tokens} cached)\n"
+        ));
+        for m in &compiled.modes {
+            t.push_str(&format!(
+                "  {:<8} {:>4} kernels per step ({} before fusion, {} at load)   arena {} = {}\n",
+                m.mode,
+                m.kernels,
+                m.kernels_unfused,
+                m.prep_kernels,
+                m.arena,
+                human_bytes(m.arena_bytes)
+            ));
+        }
+        t
     };
     output::emit(&text, None).map_err(|e| fail(format!("cannot write output: {e}")))
+}
+
+fn human_bytes(n: i64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.2} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
 }
 
 /// What `flashc compile` should produce.
@@ -175,6 +253,11 @@ pub fn compile(file: &Path, opts: &CompileOptions, out: Option<&Path>) -> CmdRes
         Emit::Gir => {
             let (spec, _) = load_spec(file)?;
             build_gir(&spec, opts)?.to_string()
+        }
+        Emit::Program => {
+            let (spec, _) = load_spec(file)?;
+            let g = build_gir(&spec, opts)?;
+            schedule(&g).map_err(|e| fail(format!("internal error while scheduling: {e}")))?.to_string()
         }
     };
     let dest = out.map(|p| p.display().to_string());

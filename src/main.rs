@@ -35,13 +35,20 @@ enum Command {
     },
     /// Per-layer table and totals: parameters, bytes, decode state, FLOPs per token.
     #[command(after_help = "Examples:\n  flashc info examples/qwen3-0.6b.arch\n  \
-                            flashc info examples/nemotron-flash-1b.arch --json")]
+                            flashc info examples/nemotron-flash-1b.arch --json\n  \
+                            flashc info examples/nemotron-flash-1b.arch --batch 8 --tokens 2048")]
     Info {
         /// The model file.
         file: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Batch size for the activation-arena figure.
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+        /// Prompt tokens for the prefill activation-arena figure.
+        #[arg(long, default_value_t = 4096)]
+        tokens: i64,
     },
     /// Compile a model and print (or write) one stage of the pipeline.
     #[command(after_help = "Examples:\n  flashc compile examples/tiny-hybrid.arch --emit ast\n  \
@@ -120,6 +127,8 @@ enum Emit {
     Spec,
     /// The graph IR after the pass pipeline, as text.
     Gir,
+    /// The scheduled program: kernel groups, buffers and the arena plan.
+    Program,
 }
 
 /// Compilation modes.
@@ -145,7 +154,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { files, deny_warnings } => commands::check(&files, deny_warnings),
-        Command::Info { file, json } => commands::info(&file, json),
+        Command::Info { file, json, batch, tokens } => commands::info(&file, json, batch, tokens),
         Command::Compile { file, emit, mode, passes, print_after, output } => commands::compile(
             &file,
             &commands::CompileOptions { emit, mode: mode.mode(), passes, print_after },
