@@ -10,4 +10,7 @@
 //!   nothing is written half-way.
 
 pub mod cpu;
+pub mod device;
+pub mod model;
+pub mod session;
 pub mod weights;

@@ -31,7 +31,10 @@
 //! | delta rule | [`delta_scan`], [`delta_step`], [`delta_recurrent`] ([`DeltaDims`]) |
 //! | loss | [`cross_entropy`] |
 
+pub mod exec;
 pub mod kernels;
+
+pub use exec::{Cpu, CpuMemory};
 
 pub use kernels::*;
 

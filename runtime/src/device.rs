@@ -1,0 +1,106 @@
+//! device: the interface every device implements (`cpu` now; `sim` and `cuda` behind the same calls).
+//!
+//! A device runs one scheduled `Program` at a time on memory it allocated for that program at given
+//! sizes (`Bindings`: B, T, S): the activation arena laid out by the program's buffer plan, and one
+//! allocation per input, state and prepared weight. Weights are shared between the programs of a model
+//! (prefill and decode) without copies. Callers only use these calls, so a new device changes no caller.
+
+use std::fmt;
+use std::sync::Arc;
+
+use flashc_compiler::gir::Bindings;
+use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
+
+use crate::cpu::KernelError;
+use crate::weights::WeightError;
+
+/// Data on the host side of an upload or download.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+impl HostData {
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F32(v) => v.len(),
+            HostData::I32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn into_f32(self) -> Option<Vec<f32>> {
+        match self {
+            HostData::F32(v) => Some(v),
+            HostData::I32(_) => None,
+        }
+    }
+}
+
+/// Everything that can go wrong while running a model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuntimeError {
+    /// Weights could not be read or do not match the model.
+    Weights(WeightError),
+    /// A kernel refused its operands (an index out of range, a size mismatch).
+    Kernel { kernel: String, error: KernelError },
+    /// The model could not be compiled (an internal error of the compiler).
+    Compile(String),
+    /// A request the runtime cannot serve (a token id out of range, a sequence longer than the cache).
+    Input(String),
+    /// A device problem (no driver, out of memory).
+    Device(String),
+}
+
+impl fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeError::Weights(e) => write!(f, "{e}"),
+            RuntimeError::Kernel { kernel, error } => write!(f, "kernel {kernel} failed: {error}"),
+            RuntimeError::Compile(e) => write!(f, "{e}"),
+            RuntimeError::Input(e) => write!(f, "{e}"),
+            RuntimeError::Device(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for RuntimeError {}
+
+impl From<WeightError> for RuntimeError {
+    fn from(e: WeightError) -> RuntimeError {
+        RuntimeError::Weights(e)
+    }
+}
+
+/// A device that runs scheduled programs.
+pub trait Device {
+    /// The memory of one program instance on this device.
+    type Memory;
+
+    /// The device's name (`cpu`, `sim`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    /// Allocates memory for `program` at sizes `at`: the arena, every input, state and prepared
+    /// buffer, zero-filled. Weights are attached with `share_weight`.
+    fn allocate(&self, program: &Program, at: &Bindings) -> Result<Self::Memory, RuntimeError>;
+
+    /// Attaches a weight or a prepared weight (shared, not copied where the device allows).
+    fn share_weight(&self, mem: &mut Self::Memory, buffer: BufferId, data: Arc<Vec<f32>>) -> Result<(), RuntimeError>;
+
+    /// Copies host data into a buffer (inputs, states).
+    fn upload(&self, mem: &mut Self::Memory, buffer: BufferId, data: HostData) -> Result<(), RuntimeError>;
+
+    /// Copies any buffer of `program` (an output, a state, an activation still in the arena) back to
+    /// the host.
+    fn download(&self, program: &Program, mem: &Self::Memory, buffer: BufferId) -> Result<HostData, RuntimeError>;
+
+    /// Runs one kernel group of `program`.
+    fn run(&self, program: &Program, kernel: &KernelGroup, mem: &mut Self::Memory) -> Result<(), RuntimeError>;
+
+    /// Waits until every kernel issued so far has finished.
+    fn synchronize(&self) -> Result<(), RuntimeError>;
+}

@@ -1,0 +1,153 @@
+//! model: a compiled model with its weights, ready to run on a device.
+//!
+//! `Model::new` compiles the spec once per entry point — **prefill** (the prompt, with the meta-token
+//! prefix already in the caches), **decode** (one token per sequence) and, when the model has meta
+//! tokens, **prefix** (the meta tokens alone, run once per model) — through the standard pass
+//! pipeline and the scheduler, and computes each program's prepared weights (packed projections,
+//! `−exp(A_log)`) once. Weights are shared by every program and session.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use flashc_compiler::gir::{Bindings, Mode};
+use flashc_compiler::lower::{LowerOptions, lower};
+use flashc_compiler::passes::{VERIFY_BY_DEFAULT, pipeline, run_passes};
+use flashc_compiler::schedule::{BufferId, BufferKind, Program, schedule};
+use flashc_dsl::ModelSpec;
+
+use crate::device::{Device, HostData, RuntimeError};
+use crate::weights::{self, Weights};
+
+/// One entry point of a model: its program and its prepared weights.
+#[derive(Debug)]
+pub struct Entry {
+    pub program: Program,
+    /// Prepared-weight buffers and their values.
+    prepared: Vec<(BufferId, Arc<Vec<f32>>)>,
+}
+
+impl Entry {
+    /// An entry point for a program compiled elsewhere (e.g. with other lowering options), with its
+    /// prepared weights computed from `model`'s weights.
+    pub fn from_program<D: Device>(device: &D, model: &Model, program: Program) -> Result<Entry, RuntimeError> {
+        let prepared = model.prepare(device, &program)?;
+        Ok(Entry { program, prepared })
+    }
+}
+
+/// A compiled model and its weights.
+#[derive(Debug)]
+pub struct Model {
+    pub spec: ModelSpec,
+    weights: BTreeMap<String, Arc<Vec<f32>>>,
+    pub prefill: Entry,
+    pub decode: Entry,
+    /// The meta-token prefix program (`None` without meta tokens).
+    pub prefix: Option<Entry>,
+}
+
+/// Compiles one entry point.
+pub fn compile(spec: &ModelSpec, opts: &LowerOptions) -> Result<Program, RuntimeError> {
+    let mut g = lower(spec, opts).map_err(RuntimeError::Compile)?;
+    run_passes(&mut g, &pipeline(opts.mode), VERIFY_BY_DEFAULT, &mut |_, _| {})
+        .map_err(|e| RuntimeError::Compile(e.to_string()))?;
+    schedule(&g).map_err(|e| RuntimeError::Compile(format!("internal error while scheduling: {e}")))
+}
+
+impl Model {
+    /// Compiles `spec` and binds `weights` (which must match its manifest).
+    pub fn new<D: Device>(device: &D, spec: ModelSpec, weights: Weights) -> Result<Model, RuntimeError> {
+        let mut shared = BTreeMap::new();
+        for name in weights.names().cloned().collect::<Vec<_>>() {
+            if let Some(t) = weights.get(&name) {
+                shared.insert(name, Arc::new(t.data.clone()));
+            }
+        }
+        let prefill = compile(&spec, &LowerOptions { mode: Mode::Prefill, prepend_meta: false })?;
+        let decode = compile(&spec, &LowerOptions::new(Mode::Decode))?;
+        let prefix = if spec.meta_tokens > 0 {
+            Some(compile(&spec, &LowerOptions { mode: Mode::Prefill, prepend_meta: true })?)
+        } else {
+            None
+        };
+        let mut model = Model {
+            spec,
+            weights: shared,
+            prefill: Entry { program: prefill, prepared: Vec::new() },
+            decode: Entry { program: decode, prepared: Vec::new() },
+            prefix: prefix.map(|program| Entry { program, prepared: Vec::new() }),
+        };
+        model.prefill.prepared = model.prepare(device, &model.prefill.program)?;
+        model.decode.prepared = model.prepare(device, &model.decode.program)?;
+        if let Some(p) = &model.prefix {
+            let prepared = model.prepare(device, &p.program)?;
+            if let Some(p) = &mut model.prefix {
+                p.prepared = prepared;
+            }
+        }
+        Ok(model)
+    }
+
+    /// Loads weights from a checkpoint (file or directory) and compiles.
+    pub fn load<D: Device>(device: &D, spec: ModelSpec, checkpoint: &Path) -> Result<Model, RuntimeError> {
+        let w = weights::load(&spec, checkpoint)?;
+        Model::new(device, spec, w)
+    }
+
+    /// The weight of a given canonical name.
+    pub fn weight(&self, name: &str) -> Option<&Arc<Vec<f32>>> {
+        self.weights.get(name)
+    }
+
+    /// Runs a program's weight preparation once and keeps the results.
+    fn prepare<D: Device>(&self, device: &D, program: &Program) -> Result<Vec<(BufferId, Arc<Vec<f32>>)>, RuntimeError> {
+        if program.prep.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut mem = device.allocate(program, &Bindings { b: 1, t: 1, s: 0 })?;
+        self.bind_weights(device, program, &mut mem)?;
+        for k in &program.prep {
+            device.run(program, k, &mut mem)?;
+        }
+        device.synchronize()?;
+        let mut out = Vec::new();
+        for b in program.buffers.iter().filter(|b| b.kind == BufferKind::Prepared && b.alias.is_none()) {
+            match device.download(program, &mem, b.id)? {
+                HostData::F32(v) => out.push((b.id, Arc::new(v))),
+                HostData::I32(_) => return Err(RuntimeError::Compile(format!("prepared weight {} is not float", b.id))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attaches every weight a program reads.
+    fn bind_weights<D: Device>(&self, device: &D, program: &Program, mem: &mut D::Memory) -> Result<(), RuntimeError> {
+        for b in program.buffers.iter().filter(|b| b.kind == BufferKind::Weight && b.alias.is_none()) {
+            let w = self.weights.get(&b.name).ok_or_else(|| {
+                RuntimeError::Compile(format!("the program reads weight `{}`, which the model does not have", b.name))
+            })?;
+            device.share_weight(mem, b.id, w.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Allocates memory for an entry point at the given sizes, with weights and prepared weights
+    /// attached.
+    pub fn instantiate<D: Device>(&self, device: &D, entry: &Entry, at: &Bindings) -> Result<D::Memory, RuntimeError> {
+        let mut mem = device.allocate(&entry.program, at)?;
+        self.bind_weights(device, &entry.program, &mut mem)?;
+        for (b, v) in &entry.prepared {
+            device.share_weight(&mut mem, *b, v.clone())?;
+        }
+        Ok(mem)
+    }
+}
+
+/// Runs every per-step kernel of a program.
+pub fn execute<D: Device>(device: &D, program: &Program, mem: &mut D::Memory) -> Result<(), RuntimeError> {
+    for k in &program.kernels {
+        device.run(program, k, mem)?;
+    }
+    device.synchronize()
+}
