@@ -45,6 +45,9 @@ pub struct Model {
     pub decode: Entry,
     /// The meta-token prefix program (`None` without meta tokens).
     pub prefix: Option<Entry>,
+    /// The states after the meta-token prefix, per state, for one sequence (empty without meta
+    /// tokens): computed once, copied into every new sequence.
+    pub prefix_states: BTreeMap<String, Vec<f32>>,
 }
 
 /// Compiles one entry point.
@@ -77,6 +80,7 @@ impl Model {
             prefill: Entry { program: prefill, prepared: Vec::new() },
             decode: Entry { program: decode, prepared: Vec::new() },
             prefix: prefix.map(|program| Entry { program, prepared: Vec::new() }),
+            prefix_states: BTreeMap::new(),
         };
         model.prefill.prepared = model.prepare(device, &model.prefill.program)?;
         model.decode.prepared = model.prepare(device, &model.decode.program)?;
@@ -85,6 +89,9 @@ impl Model {
             if let Some(p) = &mut model.prefix {
                 p.prepared = prepared;
             }
+        }
+        if let Some(p) = &model.prefix {
+            model.prefix_states = crate::session::prefix_states(device, &model, p)?;
         }
         Ok(model)
     }

@@ -90,7 +90,8 @@ pub struct Session<'a, D: Device> {
 
 impl<'a, D: Device> Session<'a, D> {
     /// A session of `batch` empty sequences (holding the meta-token prefix, if the model has one).
-    pub fn new(device: &'a D, model: &'a Model, prefix: &BTreeMap<String, Vec<f32>>, batch: usize) -> Result<Self, RuntimeError> {
+    pub fn new(device: &'a D, model: &'a Model, batch: usize) -> Result<Self, RuntimeError> {
+        let prefix = &model.prefix_states;
         if batch == 0 {
             return Err(RuntimeError::Input("a session needs at least one sequence".to_string()));
         }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use flashc_runtime::cpu::{Cpu, DeltaDims, delta_recurrent, delta_scan, delta_step};
 use flashc_runtime::model::Model;
-use flashc_runtime::session::{Session, prefix_states};
+use flashc_runtime::session::Session;
 use safetensors::SafeTensors;
 
 fn goldens() -> PathBuf {
@@ -58,10 +58,6 @@ fn check_model(case: &str) -> f64 {
     let arch = flashc_dsl::import_hf::import_dir(&dir).unwrap_or_else(|e| panic!("{case}: import: {e}"));
     let (spec, _) = flashc_dsl::load(&arch).unwrap_or_else(|d| panic!("{case}: imported model does not check: {d:?}\n{arch}"));
     let model = Model::load(&Cpu, spec, &dir).unwrap_or_else(|e| panic!("{case}: load: {e}"));
-    let prefix = match &model.prefix {
-        Some(e) => prefix_states(&Cpu, &model, e).expect("prefix"),
-        None => BTreeMap::new(),
-    };
     let vocab = model.spec.vocab as usize;
     let inputs = ids(&json(&dir.join("inputs.json"))["sequences"]);
     let greedy = ids(&json(&dir.join("greedy.json"))["sequences"]);
@@ -70,7 +66,7 @@ fn check_model(case: &str) -> f64 {
     for (i, seq) in inputs.iter().enumerate() {
         let (shape, want) = &logits[&format!("seq{i}")];
         assert_eq!(shape, &vec![seq.len(), vocab], "{case} seq{i}");
-        let mut s = Session::new(&Cpu, &model, &prefix, 1).expect("session");
+        let mut s = Session::new(&Cpu, &model, 1).expect("session");
         let got = s.prefill(std::slice::from_ref(seq)).expect("prefill").remove(0);
         let e = rel_err(&got, want);
         worst = worst.max(e);

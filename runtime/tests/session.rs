@@ -1,14 +1,13 @@
 //! Whole models on the `cpu` device: incremental decode equals full prefill at every position, batches
 //! of different lengths equal single sequences, the cached meta-token prefix equals recomputing it.
 
-use std::collections::BTreeMap;
 
 use flashc_compiler::gir::{Bindings, Mode};
 use flashc_compiler::lower::LowerOptions;
 use flashc_runtime::cpu::Cpu;
 use flashc_runtime::device::{Device, HostData};
 use flashc_runtime::model::{Entry, Model, compile, execute};
-use flashc_runtime::session::{Session, prefix_states};
+use flashc_runtime::session::Session;
 use flashc_runtime::weights::init;
 
 fn example(name: &str) -> flashc_dsl::ModelSpec {
@@ -49,17 +48,12 @@ fn tokens(seed: u32, n: usize, vocab: u32) -> Vec<u32> {
 
 struct Fixture {
     model: Model,
-    prefix: BTreeMap<String, Vec<f32>>,
 }
 
 fn fixture(spec: flashc_dsl::ModelSpec, seed: u64) -> Fixture {
     let w = init(&spec, seed);
     let model = Model::new(&Cpu, spec, w).expect("compile");
-    let prefix = match &model.prefix {
-        Some(e) => prefix_states(&Cpu, &model, e).expect("prefix"),
-        None => BTreeMap::new(),
-    };
-    Fixture { model, prefix }
+    Fixture { model }
 }
 
 #[test]
@@ -68,10 +62,10 @@ fn decode_after_prefill_matches_prefill_of_the_whole_sequence() {
     let vocab = fx.model.spec.vocab as usize;
     let seq = tokens(7, 14, 97);
     // One prefill over all 14 tokens.
-    let mut full = Session::new(&Cpu, &fx.model, &fx.prefix, 1).expect("session");
+    let mut full = Session::new(&Cpu, &fx.model, 1).expect("session");
     let all = full.prefill(std::slice::from_ref(&seq)).expect("prefill").remove(0);
     // Prefill 6 tokens, then decode the other 8 one at a time.
-    let mut inc = Session::new(&Cpu, &fx.model, &fx.prefix, 1).expect("session");
+    let mut inc = Session::new(&Cpu, &fx.model, 1).expect("session");
     let first = inc.prefill(&[seq[..6].to_vec()]).expect("prefill").remove(0);
     assert!(rel_err(&first, &all[..6 * vocab]) < 1e-5, "prefill rows");
     for (i, t) in seq[6..].iter().enumerate() {
@@ -90,11 +84,11 @@ fn a_batch_of_different_lengths_equals_each_sequence_alone() {
     let fx = fixture(flashc_dsl::load(ALL_OPS).expect("valid").0, 12);
     let vocab = fx.model.spec.vocab as usize;
     let prompts = vec![tokens(1, 9, 97), tokens(2, 4, 97), tokens(3, 13, 97)];
-    let mut batch = Session::new(&Cpu, &fx.model, &fx.prefix, 3).expect("session");
+    let mut batch = Session::new(&Cpu, &fx.model, 3).expect("session");
     let got = batch.prefill(&prompts).expect("prefill");
     let next = batch.decode(&[5, 6, 7]).expect("decode");
     for (b, p) in prompts.iter().enumerate() {
-        let mut one = Session::new(&Cpu, &fx.model, &fx.prefix, 1).expect("session");
+        let mut one = Session::new(&Cpu, &fx.model, 1).expect("session");
         let want = one.prefill(std::slice::from_ref(p)).expect("prefill").remove(0);
         assert!(rel_err(&got[b], &want) < 1e-5, "sequence {b} prefill");
         let want_next = one.decode(&[[5, 6, 7][b]]).expect("decode").remove(0);
@@ -109,7 +103,7 @@ fn the_cached_meta_prefix_equals_recomputing_it() {
     let spec = flashc_dsl::load(ALL_OPS).expect("valid").0;
     let fx = fixture(spec.clone(), 13);
     let seq = tokens(9, 10, 97);
-    let mut s = Session::new(&Cpu, &fx.model, &fx.prefix, 1).expect("session");
+    let mut s = Session::new(&Cpu, &fx.model, 1).expect("session");
     let cached = s.prefill(std::slice::from_ref(&seq)).expect("prefill").remove(0);
     // Recompute: the prefill program with the meta tokens prepended, from empty states.
     let program = compile(&spec, &LowerOptions { mode: Mode::Prefill, prepend_meta: true }).expect("compile");
@@ -132,7 +126,7 @@ fn the_cached_meta_prefix_equals_recomputing_it() {
 #[test]
 fn tiny_hybrid_runs_and_bad_requests_are_errors() {
     let fx = fixture(example("tiny-hybrid.arch"), 1);
-    let mut s = Session::new(&Cpu, &fx.model, &fx.prefix, 2).expect("session");
+    let mut s = Session::new(&Cpu, &fx.model, 2).expect("session");
     let out = s.prefill(&[vec![1, 2, 3], vec![4, 5]]).expect("prefill");
     assert!(out.iter().flatten().all(|x| x.is_finite()));
     assert!(s.decode(&[1]).is_err(), "wrong number of tokens");
@@ -140,5 +134,5 @@ fn tiny_hybrid_runs_and_bad_requests_are_errors() {
     assert!(s.prefill(&[vec![1]]).is_err(), "wrong number of prompts");
     let too_long = vec![1u32; fx.model.spec.max_seq as usize + 1];
     assert!(s.prefill(&[too_long, vec![1]]).is_err(), "longer than max_seq");
-    assert!(Session::new(&Cpu, &fx.model, &fx.prefix, 0).is_err());
+    assert!(Session::new(&Cpu, &fx.model, 0).is_err());
 }
