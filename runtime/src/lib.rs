@@ -10,4 +10,6 @@
 //!   nothing is written half-way.
 
 pub mod cpu;
+pub mod sample;
+pub mod tokenizer;
 pub mod weights;
