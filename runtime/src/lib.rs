@@ -12,5 +12,7 @@
 pub mod cpu;
 pub mod device;
 pub mod model;
+pub mod sample;
 pub mod session;
+pub mod tokenizer;
 pub mod weights;
