@@ -22,7 +22,7 @@ pub struct Failed;
 type CmdResult = Result<(), Failed>;
 
 /// Prints a one-line error (for failures that have no source span).
-fn fail(message: impl std::fmt::Display) -> Failed {
+pub fn fail(message: impl std::fmt::Display) -> Failed {
     eprintln!("error: {message}");
     Failed
 }
@@ -48,7 +48,7 @@ fn load(path: &Path) -> Result<Loaded, Failed> {
 }
 
 /// Loads a model, printing its warnings; on errors prints them and fails.
-fn load_spec(path: &Path) -> Result<(ModelSpec, String), Failed> {
+pub fn load_spec(path: &Path) -> Result<(ModelSpec, String), Failed> {
     let loaded = load(path)?;
     match loaded.result {
         Ok((spec, warnings)) => {

@@ -5,6 +5,7 @@
 
 mod commands;
 mod output;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -110,12 +111,90 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Generate text: prefill the prompt(s), then decode token by token, streaming the output.
+    #[command(after_help = "Examples:\n  flashc init examples/tiny-hybrid.arch -o tiny.safetensors\n  \
+                            flashc generate examples/tiny-hybrid.arch --weights tiny.safetensors --prompt \"Hello\" --max-tokens 32\n  \
+                            flashc generate ~/models/Qwen3-0.6B --prompt \"The capital of France is\" --temperature 0.7 --top-p 0.9\n\n\
+                            MODEL is an .arch file, or a Hugging Face directory (config.json, safetensors, tokenizer.json)\n\
+                            whose .arch is imported on the fly.")]
+    Generate {
+        /// The model: an .arch file or a Hugging Face directory.
+        model: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// A prompt; give several for a batch.
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        /// Tokens to generate per prompt.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Keep only the k most likely tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Keep the smallest set of tokens whose probability reaches p.
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Penalty for tokens already in the sequence (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop when one of these tokens (text of a single token, or `#ID`) is generated.
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Full prefill logits (f32, `[T, vocab]` per sequence: `seq0`, `seq1`, ...) as safetensors.
+    #[command(
+        after_help = "Example:\n  flashc logits examples/tiny-hybrid.arch --weights tiny.safetensors --tokens \"1 2 3\" --tokens \"4 5\" -o out.safetensors"
+    )]
+    Logits {
+        /// The model: an .arch file or a Hugging Face directory.
+        model: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Token ids of one sequence, separated by spaces or commas; repeat for more sequences.
+        #[arg(long, required = true)]
+        tokens: Vec<String>,
+        /// The safetensors file to write (atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Explain a diagnostic code, or list them all.
     #[command(after_help = "Examples:\n  flashc explain E0306\n  flashc explain")]
     Explain {
         /// A code such as `E0306`; omit to list every code.
         code: Option<String>,
     },
+}
+
+/// Where a model's weights, tokenizer and device come from.
+#[derive(clap::Args, Debug)]
+struct LoadArgs {
+    /// Weights: a safetensors file, or a directory with `model.safetensors` or a sharded index
+    /// (default: the model directory for Hugging Face models).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// A Hugging Face `tokenizer.json` (default: the model directory's, else bytes).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The device to run on.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+/// Devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// Exact f32 reference kernels on the host.
+    Cpu,
+    /// The GPU kernels interpreted on the host.
+    Sim,
+    /// An NVIDIA GPU through the CUDA driver.
+    Cuda,
 }
 
 /// Pipeline stages that `compile --emit` can print.
@@ -163,6 +242,23 @@ fn main() -> ExitCode {
         Command::Fmt { files, write, check } => commands::fmt(&files, write, check),
         Command::ImportHf { dir, output } => commands::import_hf(&dir, output.as_deref()),
         Command::Init { file, output, seed } => commands::init(&file, &output, seed),
+        Command::Generate {
+            model,
+            load,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+        } => {
+            let sampling =
+                flashc_runtime::sample::SamplingParams { temperature, top_k, top_p, repetition_penalty, seed };
+            run::generate(&model, &load, &prompt, max_tokens, sampling, &stop)
+        }
+        Command::Logits { model, load, tokens, output } => run::logits(&model, &load, &tokens, &output),
         Command::Explain { code } => commands::explain(code.as_deref()),
     };
     match result {

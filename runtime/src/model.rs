@@ -19,12 +19,14 @@ use flashc_dsl::ModelSpec;
 use crate::device::{Device, HostData, RuntimeError};
 use crate::weights::{self, Weights};
 
+/// Prepared-weight buffers of a program and their values.
+type Prepared = Vec<(BufferId, Arc<Vec<f32>>)>;
+
 /// One entry point of a model: its program and its prepared weights.
 #[derive(Debug)]
 pub struct Entry {
     pub program: Program,
-    /// Prepared-weight buffers and their values.
-    prepared: Vec<(BufferId, Arc<Vec<f32>>)>,
+    prepared: Prepared,
 }
 
 impl Entry {
@@ -108,7 +110,7 @@ impl Model {
     }
 
     /// Runs a program's weight preparation once and keeps the results.
-    fn prepare<D: Device>(&self, device: &D, program: &Program) -> Result<Vec<(BufferId, Arc<Vec<f32>>)>, RuntimeError> {
+    fn prepare<D: Device>(&self, device: &D, program: &Program) -> Result<Prepared, RuntimeError> {
         if program.prep.is_empty() {
             return Ok(Vec::new());
         }
@@ -122,7 +124,9 @@ impl Model {
         for b in program.buffers.iter().filter(|b| b.kind == BufferKind::Prepared && b.alias.is_none()) {
             match device.download(program, &mem, b.id)? {
                 HostData::F32(v) => out.push((b.id, Arc::new(v))),
-                HostData::I32(_) => return Err(RuntimeError::Compile(format!("prepared weight {} is not float", b.id))),
+                HostData::I32(_) => {
+                    return Err(RuntimeError::Compile(format!("prepared weight {} is not float", b.id)));
+                }
             }
         }
         Ok(out)

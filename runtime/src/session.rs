@@ -57,7 +57,9 @@ pub fn prefix_states<D: Device>(
     let at = Bindings { b: 1, t: 0, s: 0 };
     let mut mem = model.instantiate(device, entry, &at)?;
     let p = &entry.program;
-    for (name, data) in [("tokens", HostData::I32(Vec::new())), ("start", HostData::I32(vec![0])), ("lens", HostData::I32(vec![m]))] {
+    for (name, data) in
+        [("tokens", HostData::I32(Vec::new())), ("start", HostData::I32(vec![0])), ("lens", HostData::I32(vec![m]))]
+    {
         if let Some(b) = input_buffer(p, name) {
             device.upload(&mut mem, b, data)?;
         }
@@ -65,7 +67,8 @@ pub fn prefix_states<D: Device>(
     execute(device, p, &mut mem)?;
     let mut states = BTreeMap::new();
     for (name, _, _) in state_buffers(p, &at)? {
-        let out = output_buffer(p, &name).ok_or_else(|| RuntimeError::Compile(format!("state {name} has no output")))?;
+        let out =
+            output_buffer(p, &name).ok_or_else(|| RuntimeError::Compile(format!("state {name} has no output")))?;
         if let HostData::F32(v) = device.download(p, &mem, out)? {
             states.insert(name, v);
         }
@@ -202,7 +205,9 @@ impl<'a, D: Device> Session<'a, D> {
         let mut mem = self.model.instantiate(self.device, entry, &at)?;
         let start: Vec<i32> = self.cached.iter().map(|c| *c as i32).collect();
         let lens: Vec<i32> = prompts.iter().map(|p| p.len() as i32).collect();
-        for (name, data) in [("tokens", HostData::I32(tokens)), ("start", HostData::I32(start)), ("lens", HostData::I32(lens))] {
+        for (name, data) in
+            [("tokens", HostData::I32(tokens)), ("start", HostData::I32(start)), ("lens", HostData::I32(lens))]
+        {
             if let Some(b) = input_buffer(prog, name) {
                 self.device.upload(&mut mem, b, data)?;
             }
@@ -214,12 +219,14 @@ impl<'a, D: Device> Session<'a, D> {
         }
         execute(self.device, prog, &mut mem)?;
         for (name, _, _) in &names {
-            let out = output_buffer(prog, name).ok_or_else(|| RuntimeError::Compile(format!("state {name} has no output")))?;
+            let out = output_buffer(prog, name)
+                .ok_or_else(|| RuntimeError::Compile(format!("state {name} has no output")))?;
             if let HostData::F32(v) = self.device.download(prog, &mem, out)? {
                 self.states.insert(name.clone(), v);
             }
         }
-        let logits_buf = output_buffer(prog, "logits").ok_or_else(|| RuntimeError::Compile("no logits output".into()))?;
+        let logits_buf =
+            output_buffer(prog, "logits").ok_or_else(|| RuntimeError::Compile("no logits output".into()))?;
         let logits = match self.device.download(prog, &mem, logits_buf)? {
             HostData::F32(v) => v,
             HostData::I32(_) => return Err(RuntimeError::Compile("logits are not float".into())),
@@ -246,7 +253,9 @@ impl<'a, D: Device> Session<'a, D> {
         }
         let max_seq = self.model.spec.max_seq as usize;
         if let Some(b) = self.cached.iter().position(|c| *c + 1 > max_seq) {
-            return Err(RuntimeError::Input(format!("sequence {b} has reached the model's max_seq of {max_seq} tokens")));
+            return Err(RuntimeError::Input(format!(
+                "sequence {b} has reached the model's max_seq of {max_seq} tokens"
+            )));
         }
         let ids = self.check_tokens(tokens.iter().copied())?;
         let entry = &self.model.decode;
@@ -268,7 +277,8 @@ impl<'a, D: Device> Session<'a, D> {
             }
         }
         execute(self.device, prog, mem)?;
-        let logits_buf = output_buffer(prog, "logits").ok_or_else(|| RuntimeError::Compile("no logits output".into()))?;
+        let logits_buf =
+            output_buffer(prog, "logits").ok_or_else(|| RuntimeError::Compile("no logits output".into()))?;
         let logits = match self.device.download(prog, mem, logits_buf)? {
             HostData::F32(v) => v,
             HostData::I32(_) => return Err(RuntimeError::Compile("logits are not float".into())),

@@ -56,7 +56,8 @@ fn argmax(x: &[f32]) -> usize {
 fn check_model(case: &str) -> f64 {
     let dir = goldens().join(case);
     let arch = flashc_dsl::import_hf::import_dir(&dir).unwrap_or_else(|e| panic!("{case}: import: {e}"));
-    let (spec, _) = flashc_dsl::load(&arch).unwrap_or_else(|d| panic!("{case}: imported model does not check: {d:?}\n{arch}"));
+    let (spec, _) =
+        flashc_dsl::load(&arch).unwrap_or_else(|d| panic!("{case}: imported model does not check: {d:?}\n{arch}"));
     let model = Model::load(&Cpu, spec, &dir).unwrap_or_else(|e| panic!("{case}: load: {e}"));
     let vocab = model.spec.vocab as usize;
     let inputs = ids(&json(&dir.join("inputs.json"))["sequences"]);
@@ -160,7 +161,8 @@ fn deltanet_matches_the_transformers_delta_rule() {
                 )
                 .expect("step");
                 for bi in 0..b {
-                    o_all[(bi * tt + ti) * h * dv..(bi * tt + ti + 1) * h * dv].copy_from_slice(&o[bi * h * dv..(bi + 1) * h * dv]);
+                    o_all[(bi * tt + ti) * h * dv..(bi * tt + ti + 1) * h * dv]
+                        .copy_from_slice(&o[bi * h * dv..(bi + 1) * h * dv]);
                 }
             }
             assert!(rel_err(&o_all, &t[o_name].1) < 1e-4, "{file} steps {o_name}");

@@ -1,7 +1,6 @@
 //! Whole models on the `cpu` device: incremental decode equals full prefill at every position, batches
 //! of different lengths equal single sequences, the cached meta-token prefix equals recomputing it.
 
-
 use flashc_compiler::gir::{Bindings, Mode};
 use flashc_compiler::lower::LowerOptions;
 use flashc_runtime::cpu::Cpu;

@@ -77,8 +77,11 @@ impl Device for Cpu {
             match b.kind {
                 BufferKind::Input | BufferKind::State | BufferKind::Prepared => {
                     let n = numel(&shape_of(&b.ty, at)?);
-                    let data =
-                        if b.ty.dtype == gir::DType::I32 { Val::I(Arc::new(vec![0; n])) } else { Val::F(Arc::new(vec![0.0; n])) };
+                    let data = if b.ty.dtype == gir::DType::I32 {
+                        Val::I(Arc::new(vec![0; n]))
+                    } else {
+                        Val::F(Arc::new(vec![0.0; n]))
+                    };
                     owned.insert(b.id, data);
                 }
                 _ => {}
@@ -211,7 +214,8 @@ fn kernel_err(kernel: &KernelGroup, error: k::KernelError) -> RuntimeError {
 
 fn run_kernel(program: &Program, kernel: &KernelGroup, mem: &mut CpuMemory) -> Result<(), RuntimeError> {
     let at = mem.at;
-    let node = program.graph.node(kernel.node).ok_or_else(|| RuntimeError::Compile(format!("no node {}", kernel.node)))?;
+    let node =
+        program.graph.node(kernel.node).ok_or_else(|| RuntimeError::Compile(format!("no node {}", kernel.node)))?;
     // Operands updated in place are moved out of their buffer (no copy); the rest are shared.
     let in_place: Vec<usize> = node.op.in_place(kernel.inputs.len()).iter().map(|(o, _)| *o).collect();
     let roots: Vec<BufferId> = kernel.inputs.iter().map(|b| program.buffer(*b).map_or(*b, |x| x.root())).collect();
@@ -265,9 +269,12 @@ fn run_kernel(program: &Program, kernel: &KernelGroup, mem: &mut CpuMemory) -> R
         if in_place.contains(&i)
             && let Some(Val::F(a)) = mem.owned.get(root)
             && a.is_empty()
-            && !program.buffer(*root).is_some_and(|b| numel(&shape_of(&b.ty, &at).unwrap_or_default()) == 0)
+            && program.buffer(*root).is_none_or(|b| numel(&shape_of(&b.ty, &at).unwrap_or_default()) != 0)
         {
-            return Err(RuntimeError::Compile(format!("{} updated {root} in place but did not write it back", kernel.id)));
+            return Err(RuntimeError::Compile(format!(
+                "{} updated {root} in place but did not write it back",
+                kernel.id
+            )));
         }
     }
     Ok(())
@@ -332,7 +339,13 @@ fn f(v: Vec<f32>) -> Val {
 }
 
 /// Evaluates one op on f32/i32 values. `types` are the operand types, `out` the result types.
-fn eval_op(op: &Op, types: &[TensorType], out: &[TensorType], mut ins: Vec<Val>, at: &Bindings) -> Result<Vec<Val>, k::KernelError> {
+fn eval_op(
+    op: &Op,
+    types: &[TensorType],
+    out: &[TensorType],
+    mut ins: Vec<Val>,
+    at: &Bindings,
+) -> Result<Vec<Val>, k::KernelError> {
     let shape = |i: usize| -> Result<Vec<usize>, k::KernelError> {
         types.get(i).map(|t| dims(t, at)).unwrap_or_else(|| Err(shape_err("operand", format!("no operand {i}"))))
     };
@@ -426,7 +439,8 @@ fn eval_op(op: &Op, types: &[TensorType], out: &[TensorType], mut ins: Vec<Val>,
             let n = if *trans_b { b[rb - 2] } else { b[rb - 1] };
             let shared_b = rb == 2;
             // A shared weight folds the batch dims into M.
-            let (batch, m) = if shared_b && !*trans_a { (1, numel(&a) / kk) } else { (a[..ra - 2].iter().product(), m) };
+            let (batch, m) =
+                if shared_b && !*trans_a { (1, numel(&a) / kk) } else { (a[..ra - 2].iter().product(), m) };
             let dims = k::MatmulDims { batch, m, k: kk, n, trans_a: *trans_a, trans_b: *trans_b, shared_b };
             let mut o = alloc(0)?;
             k::matmul(&dims, ins[0].f(), ins[1].f(), &mut o)?;
@@ -538,14 +552,28 @@ fn eval_op(op: &Op, types: &[TensorType], out: &[TensorType], mut ins: Vec<Val>,
         }
         Op::KvWrite => {
             let (c, n) = (shape(0)?, shape(1)?);
-            let dims = k::AttentionDims { batch: c[0], tokens: n[1], q_heads: c[2], kv_heads: c[2], head_dim: c[3], capacity: c[1] };
+            let dims = k::AttentionDims {
+                batch: c[0],
+                tokens: n[1],
+                q_heads: c[2],
+                kv_heads: c[2],
+                head_dim: c[3],
+                capacity: c[1],
+            };
             let mut cache = owned_f(std::mem::replace(&mut ins[0], f(Vec::new())));
             k::kv_write(&dims, &mut cache, ins[1].f(), ins[2].i())?;
             Ok(vec![f(cache)])
         }
         Op::AttentionPrefill { window, scale } => {
             let (q, kc) = (shape(0)?, shape(3)?);
-            let dims = k::AttentionDims { batch: q[0], tokens: q[1], q_heads: q[2], kv_heads: kc[2], head_dim: q[3], capacity: kc[1] };
+            let dims = k::AttentionDims {
+                batch: q[0],
+                tokens: q[1],
+                q_heads: q[2],
+                kv_heads: kc[2],
+                head_dim: q[3],
+                capacity: kc[1],
+            };
             let mut kcache = owned_f(std::mem::replace(&mut ins[3], f(Vec::new())));
             let mut vcache = owned_f(std::mem::replace(&mut ins[4], f(Vec::new())));
             let mut o = alloc(0)?;
@@ -566,9 +594,25 @@ fn eval_op(op: &Op, types: &[TensorType], out: &[TensorType], mut ins: Vec<Val>,
         }
         Op::AttentionDecode { window, scale } => {
             let (q, kc) = (shape(0)?, shape(1)?);
-            let dims = k::AttentionDims { batch: q[0], tokens: 1, q_heads: q[1], kv_heads: kc[2], head_dim: q[2], capacity: kc[1] };
+            let dims = k::AttentionDims {
+                batch: q[0],
+                tokens: 1,
+                q_heads: q[1],
+                kv_heads: kc[2],
+                head_dim: q[2],
+                capacity: kc[1],
+            };
             let mut o = alloc(0)?;
-            k::attention_decode(&dims, ins[0].f(), ins[1].f(), ins[2].f(), ins[3].i(), window.map(|w| w as usize), *scale, &mut o)?;
+            k::attention_decode(
+                &dims,
+                ins[0].f(),
+                ins[1].f(),
+                ins[2].f(),
+                ins[3].i(),
+                window.map(|w| w as usize),
+                *scale,
+                &mut o,
+            )?;
             Ok(vec![f(o)])
         }
         Op::SsdScan { chunk } => {
@@ -596,7 +640,17 @@ fn eval_op(op: &Op, types: &[TensorType], out: &[TensorType], mut ins: Vec<Val>,
             let dims = k::SsdDims { batch: x[0], tokens: 1, heads: x[1], p: x[2], groups: bm[1], n: bm[2] };
             let mut state = owned_f(std::mem::replace(&mut ins[6], f(Vec::new())));
             let mut y = alloc(0)?;
-            k::ssd_step(&dims, ins[0].f(), ins[1].f(), ins[2].f(), ins[3].f(), ins[4].f(), ins[5].f(), &mut state, &mut y)?;
+            k::ssd_step(
+                &dims,
+                ins[0].f(),
+                ins[1].f(),
+                ins[2].f(),
+                ins[3].f(),
+                ins[4].f(),
+                ins[5].f(),
+                &mut state,
+                &mut y,
+            )?;
             Ok(vec![f(y), f(state)])
         }
         Op::DeltaScan { chunk, scale, gated } => {

@@ -271,19 +271,23 @@ fn preview(names: &[&str]) -> String {
 
 /// Writes weights under flashc's canonical names as f32 safetensors, atomically.
 pub fn save(weights: &Weights, path: &Path) -> Result<(), WeightError> {
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        weights.tensors.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice())).collect();
+    save_tensors(&tensors, path, "flashc")
+}
+
+/// Writes named f32 tensors as a safetensors file, atomically, with a `format` metadata entry.
+pub fn save_tensors(tensors: &[(&str, &[usize], &[f32])], path: &Path, format: &str) -> Result<(), WeightError> {
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let mut entries: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
-        .tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    for (n, shape, data) in &bytes {
-        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+    for ((n, shape, _), data) in tensors.iter().zip(&bytes) {
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), data)
             .map_err(|e| WeightError::Corrupt { path: path.to_path_buf(), message: format!("tensor `{n}`: {e}") })?;
-        entries.push((n.clone(), view));
+        entries.push((n.to_string(), view));
     }
     let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "flashc".to_string());
+    meta.insert("format".to_string(), format.to_string());
     let out = safetensors::tensor::serialize(entries, Some(meta))
         .map_err(|e| WeightError::Corrupt { path: path.to_path_buf(), message: e.to_string() })?;
     write_atomic(path, &out)

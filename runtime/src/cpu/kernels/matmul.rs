@@ -35,6 +35,17 @@ pub fn matmul(dims: &MatmulDims, a: &[f32], b: &[f32], out: &mut [f32]) -> Resul
         out.fill(0.0);
         return Ok(());
     }
+    // Decode-shaped products (a few rows times a `[n, k]` weight) are memory-bound: stream the weight
+    // rows once, in parallel over output columns.
+    if !trans_a && trans_b && m <= GEMV_ROWS {
+        let b_step = if shared_b { 0 } else { k * n };
+        for (i, c) in out.chunks_mut(m * n).enumerate() {
+            let a_i = &a[i * m * k..(i + 1) * m * k];
+            let b_i = &b[i * b_step..i * b_step + k * n];
+            gemv_rows(m, k, n, a_i, b_i, c);
+        }
+        return Ok(());
+    }
     // Row and column strides of the logical `m × k` matrix A and `k × n` matrix B.
     let (rsa, csa) = if trans_a { (1, m) } else { (k, 1) };
     let (rsb, csb) = if trans_b { (1, k) } else { (n, 1) };
@@ -67,6 +78,48 @@ pub fn matmul(dims: &MatmulDims, a: &[f32], b: &[f32], out: &mut [f32]) -> Resul
     Ok(())
 }
 
+/// Most rows of A for which the row-streaming path is used.
+const GEMV_ROWS: usize = 4;
+
+/// `c[r, j] = a[r, :] · b[j, :]` for `m` rows of `a` (`[m, k]`) and a `[n, k]` matrix `b`, in parallel
+/// over blocks of output columns; each weight row is read once for all `m` rows.
+fn gemv_rows(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    const BLOCK: usize = 64;
+    let mut cols = vec![0.0f32; m * n];
+    cols.par_chunks_mut(BLOCK * m).enumerate().for_each(|(blk, chunk)| {
+        for (jj, out) in chunk.chunks_mut(m).enumerate() {
+            let j = blk * BLOCK + jj;
+            let w = &b[j * k..(j + 1) * k];
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = dot(&a[r * k..(r + 1) * k], w);
+            }
+        }
+    });
+    // `cols` is column-major (`[n, m]`); the result is row-major `[m, n]`.
+    for j in 0..n {
+        for r in 0..m {
+            c[r * n + j] = cols[j * m + r];
+        }
+    }
+}
+
+/// A dot product with eight independent accumulators, so the compiler can vectorise it.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, xr) = x.split_at(x.len() / 8 * 8);
+    let (yc, yr) = y.split_at(xc.len());
+    for (a, b) in xc.chunks_exact(8).zip(yc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (a, b) in xr.iter().zip(yr) {
+        s += a * b;
+    }
+    s
+}
+
 #[cfg(test)]
 #[allow(clippy::needless_range_loop, clippy::type_complexity)]
 mod tests {
@@ -97,7 +150,9 @@ mod tests {
     #[test]
     fn matmul_matches_triple_loop_for_every_layout() {
         let mut rng = Rng::new(10);
-        for &(batch, m, k, n) in &[(1, 1, 1, 1), (3, 5, 7, 4), (2, 17, 33, 9), (1, 64, 40, 3)] {
+        for &(batch, m, k, n) in
+            &[(1, 1, 1, 1), (3, 5, 7, 4), (2, 17, 33, 9), (1, 64, 40, 3), (2, 3, 37, 150), (1, 1, 64, 200)]
+        {
             for trans_a in [false, true] {
                 for trans_b in [false, true] {
                     for shared_b in [false, true] {
