@@ -198,7 +198,7 @@ fn human_bytes(n: i64) -> String {
 
 /// What `flashc compile` should produce.
 pub struct CompileOptions {
-    pub emit: Emit,
+    pub emit: Option<Emit>,
     pub mode: Mode,
     pub passes: Option<Vec<String>>,
     pub print_after: Vec<String>,
@@ -234,7 +234,19 @@ fn pass_names() -> String {
 }
 
 pub fn compile(file: &Path, opts: &CompileOptions, out: Option<&Path>) -> CmdResult {
-    let text = match opts.emit {
+    let Some(emit) = opts.emit else {
+        let Some(out) = out else {
+            return Err(fail(
+                "give `-o FILE.flashc` to write the compiled artifact, or `--emit STAGE` to print a stage",
+            ));
+        };
+        let (spec, source) = load_spec(file)?;
+        let artifact = flashc_runtime::artifact::build(&source, &spec).map_err(fail)?;
+        artifact.save(out).map_err(fail)?;
+        println!("wrote {} ({})", out.display(), artifact.content_hash);
+        return Ok(());
+    };
+    let text = match emit {
         Emit::Ast => {
             let bytes = read(file)?;
             let name = file.display().to_string();
@@ -349,5 +361,11 @@ pub fn init(file: &Path, out: &Path, seed: u64) -> CmdResult {
     let weights = flashc_runtime::weights::init(&spec, seed);
     flashc_runtime::weights::save(&weights, out).map_err(fail)?;
     println!("wrote {} ({} parameters, seed {seed})", out.display(), stats::thousands(weights.param_count() as u64));
+    Ok(())
+}
+
+pub fn inspect(file: &Path) -> CmdResult {
+    let a = flashc_runtime::artifact::Artifact::load(file).map_err(fail)?;
+    print!("{}", a.summary());
     Ok(())
 }

@@ -51,16 +51,17 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         tokens: i64,
     },
-    /// Compile a model and print (or write) one stage of the pipeline.
-    #[command(after_help = "Examples:\n  flashc compile examples/tiny-hybrid.arch --emit ast\n  \
+    /// Compile a model to an artifact (`-o model.flashc`), or print one stage of the pipeline.
+    #[command(after_help = "Examples:\n  flashc compile examples/tiny-hybrid.arch -o tiny.flashc\n  \
+                            flashc compile examples/tiny-hybrid.arch --emit ast\n  \
                             flashc compile examples/tiny-hybrid.arch --emit spec -o tiny.spec.json\n  \
                             flashc compile examples/nemotron-flash-1b.arch --emit gir --mode decode --print-after fuse-matmul")]
     Compile {
         /// The model file.
         file: PathBuf,
-        /// The stage to print.
-        #[arg(long, value_enum, default_value_t = Emit::Spec)]
-        emit: Emit,
+        /// The stage to print; without it, `-o FILE` writes the compiled artifact.
+        #[arg(long, value_enum)]
+        emit: Option<Emit>,
         /// The mode to lower for (gir and later stages).
         #[arg(long, value_enum, default_value_t = ModeArg::Prefill)]
         mode: ModeArg,
@@ -98,6 +99,12 @@ enum Command {
         /// Write to this file (atomically) instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// Summarise a compiled artifact (`.flashc`).
+    #[command(after_help = "Example:\n  flashc inspect tiny.flashc")]
+    Inspect {
+        /// The artifact.
+        file: PathBuf,
     },
     /// Write random weights for a model (reference initialisers, deterministic for a seed).
     #[command(after_help = "Example:\n  flashc init examples/tiny-hybrid.arch -o tiny.safetensors --seed 1")]
@@ -242,6 +249,7 @@ fn main() -> ExitCode {
         Command::Fmt { files, write, check } => commands::fmt(&files, write, check),
         Command::ImportHf { dir, output } => commands::import_hf(&dir, output.as_deref()),
         Command::Init { file, output, seed } => commands::init(&file, &output, seed),
+        Command::Inspect { file } => commands::inspect(&file),
         Command::Generate {
             model,
             load,

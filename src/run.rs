@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use flashc_dsl::ModelSpec;
+use flashc_runtime::artifact::{self, Artifact};
 use flashc_runtime::cpu::Cpu;
 use flashc_runtime::model::Model;
 use flashc_runtime::sample::{Sampler, SamplingParams};
@@ -37,13 +38,25 @@ fn load(model: &Path, args: &LoadArgs) -> Result<Loaded, Failed> {
         }
     }
     let is_dir = model.is_dir();
-    let spec: ModelSpec = if is_dir {
-        let text = flashc_dsl::import_hf::import_dir(model).map_err(fail)?;
-        flashc_dsl::load(&text)
-            .map_err(|_| fail(format!("internal error: the model imported from `{}` does not check", model.display())))?
-            .0
+    let is_artifact = model.extension().is_some_and(|e| e == "flashc");
+    // The compiled programs: from an artifact, or compiled once and cached by content.
+    let (spec, artifact): (ModelSpec, Artifact) = if is_artifact {
+        let a = Artifact::load(model).map_err(fail)?;
+        (a.spec.clone(), a)
     } else {
-        load_spec(model)?.0
+        let (spec, source) = if is_dir {
+            let text = flashc_dsl::import_hf::import_dir(model).map_err(fail)?;
+            let spec = flashc_dsl::load(&text)
+                .map_err(|_| {
+                    fail(format!("internal error: the model imported from `{}` does not check", model.display()))
+                })?
+                .0;
+            (spec, text)
+        } else {
+            load_spec(model)?
+        };
+        let a = artifact::cached(&source, &spec).map_err(fail)?;
+        (spec, a)
     };
     let weights: PathBuf = match (&args.weights, is_dir) {
         (Some(w), _) => w.clone(),
@@ -65,7 +78,8 @@ fn load(model: &Path, args: &LoadArgs) -> Result<Loaded, Failed> {
         )));
     }
     let eos = if is_dir { eos_ids(model) } else { Vec::new() };
-    let model = Model::load(&Cpu, spec, &weights).map_err(fail)?;
+    let w = flashc_runtime::weights::load(&spec, &weights).map_err(fail)?;
+    let model = Model::from_artifact(&Cpu, &artifact, w).map_err(fail)?;
     Ok(Loaded { model, tokenizer, eos })
 }
 

@@ -39,6 +39,7 @@
 //! assert_eq!(session.history()[0].len(), 2 + 4);
 //! ```
 
+pub mod artifact;
 pub mod cpu;
 pub mod device;
 pub mod model;

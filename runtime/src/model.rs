@@ -63,12 +63,6 @@ pub fn compile(spec: &ModelSpec, opts: &LowerOptions) -> Result<Program, Runtime
 impl Model {
     /// Compiles `spec` and binds `weights` (which must match its manifest).
     pub fn new<D: Device>(device: &D, spec: ModelSpec, weights: Weights) -> Result<Model, RuntimeError> {
-        let mut shared = BTreeMap::new();
-        for name in weights.names().cloned().collect::<Vec<_>>() {
-            if let Some(t) = weights.get(&name) {
-                shared.insert(name, Arc::new(t.data.clone()));
-            }
-        }
         let prefill = compile(&spec, &LowerOptions { mode: Mode::Prefill, prepend_meta: false })?;
         let decode = compile(&spec, &LowerOptions::new(Mode::Decode))?;
         let prefix = if spec.meta_tokens > 0 {
@@ -76,6 +70,40 @@ impl Model {
         } else {
             None
         };
+        Model::from_programs(device, spec, weights, prefill, decode, prefix)
+    }
+
+    /// A model from a compiled artifact and weights.
+    pub fn from_artifact<D: Device>(
+        device: &D,
+        artifact: &crate::artifact::Artifact,
+        weights: Weights,
+    ) -> Result<Model, RuntimeError> {
+        let get = |mode: &str| {
+            artifact
+                .program(mode)
+                .cloned()
+                .ok_or_else(|| RuntimeError::Compile(format!("the artifact has no {mode} program")))
+        };
+        let prefix = artifact.program("prefix").cloned();
+        Model::from_programs(device, artifact.spec.clone(), weights, get("prefill")?, get("decode")?, prefix)
+    }
+
+    /// A model from already compiled programs.
+    pub fn from_programs<D: Device>(
+        device: &D,
+        spec: ModelSpec,
+        weights: Weights,
+        prefill: Program,
+        decode: Program,
+        prefix: Option<Program>,
+    ) -> Result<Model, RuntimeError> {
+        let mut shared = BTreeMap::new();
+        for name in weights.names().cloned().collect::<Vec<_>>() {
+            if let Some(t) = weights.get(&name) {
+                shared.insert(name, Arc::new(t.data.clone()));
+            }
+        }
         let mut model = Model {
             spec,
             weights: shared,

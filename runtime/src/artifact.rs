@@ -1,0 +1,245 @@
+//! artifact: the compiled model file (`.flashc`), versioned and self-describing.
+//!
+//! Layout: the magic bytes `FLASHC\0\n`, then one JSON document (UTF-8, keys in a fixed order):
+//! `format` (the artifact format version), `flashc` (the compiler version), `source_hash` (SHA-256 of
+//! the `.arch` text it was compiled from), `spec`, the weight `manifest` (names, shapes, roles),
+//! `programs` (prefill, decode, train — each the scheduled program with its graph), the `kernels`
+//! generated for each program (kir, PTX per target, launch rule, ptxas resources when known), and
+//! `content_hash`: SHA-256 of the document with `content_hash` empty. The same input gives a
+//! byte-identical file. Reading checks the magic, the version and the hash, so a truncated, corrupt
+//! or foreign file is a clear error.
+//!
+//! `cache_path` gives the content-addressed location of an `.arch` source's artifact, so the runtime
+//! can compile on the fly once and reuse it.
+
+use std::path::{Path, PathBuf};
+
+use flashc_compiler::gir::Mode;
+use flashc_compiler::lower::LowerOptions;
+use flashc_compiler::schedule::Program;
+use flashc_dsl::ModelSpec;
+use flashc_dsl::manifest::{TensorDecl, manifest};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::compile;
+use crate::weights::{WeightError, write_atomic};
+
+/// The first bytes of every artifact.
+pub const MAGIC: &[u8; 8] = b"FLASHC\0\n";
+/// The artifact format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// A kernel generated for one kernel group of a program.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelArtifact {
+    /// The kernel group (`k7`) it implements.
+    pub group: u32,
+    pub name: String,
+    /// PTX text per target (`sm_80`, `sm_90`).
+    pub ptx: Vec<(String, String)>,
+    /// The launch rule, as JSON (see `flashc_codegen::kernels::LaunchRule`).
+    pub launch: serde_json::Value,
+}
+
+/// One compiled entry point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgramArtifact {
+    pub mode: String,
+    pub program: Program,
+    pub kernels: Vec<KernelArtifact>,
+}
+
+/// A compiled model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub format: u32,
+    pub flashc: String,
+    pub source_hash: String,
+    pub spec: ModelSpec,
+    pub manifest: Vec<TensorDecl>,
+    pub programs: Vec<ProgramArtifact>,
+    pub content_hash: String,
+}
+
+/// Why an artifact could not be read or written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ArtifactError {
+    Io(String),
+    NotAnArtifact(PathBuf),
+    Version { path: PathBuf, found: u32 },
+    Corrupt { path: PathBuf, message: String },
+    Compile(String),
+}
+
+impl std::fmt::Display for ArtifactError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArtifactError::Io(m) => write!(f, "{m}"),
+            ArtifactError::NotAnArtifact(p) => {
+                write!(f, "`{}` is not a flashc artifact (bad magic bytes)", p.display())
+            }
+            ArtifactError::Version { path, found } => write!(
+                f,
+                "`{}` is an artifact of format {found}, but this flashc reads format {FORMAT}; recompile it",
+                path.display()
+            ),
+            ArtifactError::Corrupt { path, message } => write!(f, "`{}` is corrupt: {message}", path.display()),
+            ArtifactError::Compile(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for ArtifactError {}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compiles a spec (from `source`, for the source hash) into an artifact.
+pub fn build(source: &str, spec: &ModelSpec) -> Result<Artifact, ArtifactError> {
+    let mut programs = Vec::new();
+    for mode in Mode::ALL {
+        // Prefill expects the meta-token prefix in the caches; the prefix entry point prepends it.
+        let opts = LowerOptions { mode, prepend_meta: false };
+        let program = compile(spec, &opts).map_err(|e| ArtifactError::Compile(e.to_string()))?;
+        programs.push(ProgramArtifact { mode: mode.name().to_string(), program, kernels: Vec::new() });
+    }
+    if spec.meta_tokens > 0 {
+        let program = compile(spec, &LowerOptions { mode: Mode::Prefill, prepend_meta: true })
+            .map_err(|e| ArtifactError::Compile(e.to_string()))?;
+        programs.push(ProgramArtifact { mode: "prefix".to_string(), program, kernels: Vec::new() });
+    }
+    let mut a = Artifact {
+        format: FORMAT,
+        flashc: env!("CARGO_PKG_VERSION").to_string(),
+        source_hash: sha256_hex(source.as_bytes()),
+        spec: spec.clone(),
+        manifest: manifest(spec),
+        programs,
+        content_hash: String::new(),
+    };
+    a.content_hash = a.compute_hash()?;
+    Ok(a)
+}
+
+impl Artifact {
+    fn compute_hash(&self) -> Result<String, ArtifactError> {
+        let body = serde_json::to_vec(&Artifact { content_hash: String::new(), ..self.clone() })
+            .map_err(|e| ArtifactError::Compile(format!("cannot serialise the artifact: {e}")))?;
+        Ok(sha256_hex(&body))
+    }
+
+    /// The bytes of the artifact file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ArtifactError> {
+        let mut out = MAGIC.to_vec();
+        let body = serde_json::to_vec(self).map_err(|e| ArtifactError::Compile(format!("cannot serialise: {e}")))?;
+        out.extend(body);
+        Ok(out)
+    }
+
+    /// Reads and checks an artifact from bytes (`path` only names it in errors).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Artifact, ArtifactError> {
+        let Some(body) = bytes.strip_prefix(MAGIC.as_slice()) else {
+            return Err(ArtifactError::NotAnArtifact(path.to_path_buf()));
+        };
+        // Read the format first, so a future format is reported as such, not as corruption.
+        let probe: serde_json::Value = serde_json::from_slice(body).map_err(|e| ArtifactError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("the JSON body does not parse ({e}); the file may be truncated"),
+        })?;
+        let format = probe.get("format").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32;
+        if format != FORMAT {
+            return Err(ArtifactError::Version { path: path.to_path_buf(), found: format });
+        }
+        let a: Artifact = serde_json::from_value(probe)
+            .map_err(|e| ArtifactError::Corrupt { path: path.to_path_buf(), message: e.to_string() })?;
+        let want = a.compute_hash()?;
+        if want != a.content_hash {
+            return Err(ArtifactError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("content hash mismatch (stored {}, computed {want})", a.content_hash),
+            });
+        }
+        Ok(a)
+    }
+
+    /// Writes the artifact atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ArtifactError> {
+        write_atomic(path, &self.to_bytes()?).map_err(|e: WeightError| ArtifactError::Io(e.to_string()))
+    }
+
+    pub fn load(path: &Path) -> Result<Artifact, ArtifactError> {
+        let bytes =
+            std::fs::read(path).map_err(|e| ArtifactError::Io(format!("cannot read `{}`: {e}", path.display())))?;
+        Artifact::from_bytes(&bytes, path)
+    }
+
+    /// The program of a mode (`prefill`, `decode`, `train`, `prefix`).
+    pub fn program(&self, mode: &str) -> Option<&Program> {
+        self.programs.iter().find(|p| p.mode == mode).map(|p| &p.program)
+    }
+
+    /// A short human summary (`flashc inspect`).
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "flashc artifact format {} (flashc {})\nmodel {}: {} layers, vocab {}, hidden {}\nsource sha256 {}\ncontent sha256 {}\n",
+            self.format,
+            self.flashc,
+            self.spec.name,
+            self.spec.layers.len(),
+            self.spec.vocab,
+            self.spec.hidden,
+            self.source_hash,
+            self.content_hash
+        );
+        let params: u64 = self.manifest.iter().map(TensorDecl::numel).sum();
+        s.push_str(&format!("weights: {} tensors, {params} parameters\n", self.manifest.len()));
+        for p in &self.programs {
+            let ptx: usize = p.kernels.iter().map(|k| k.ptx.len()).sum();
+            s.push_str(&format!(
+                "program {:<8} {:>4} kernels per step, {:>3} at load, {:>4} buffers, arena {}; {} generated kernels, {} PTX modules\n",
+                p.mode,
+                p.program.kernel_count(),
+                p.program.prep.len(),
+                p.program.buffers.len(),
+                p.program.arena.size,
+                p.kernels.len(),
+                ptx
+            ));
+        }
+        s
+    }
+}
+
+/// Where the artifact of an `.arch` source is cached: `$FLASHC_CACHE` or `$XDG_CACHE_HOME/flashc` or
+/// `~/.cache/flashc`, named by the SHA-256 of the source and the flashc version.
+pub fn cache_path(source: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("FLASHC_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("flashc")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("flashc")))?;
+    let key = sha256_hex(format!("{}\n{}", env!("CARGO_PKG_VERSION"), source).as_bytes());
+    Some(dir.join(format!("{key}.flashc")))
+}
+
+/// The artifact of `source`: from the cache when present and valid, else compiled and cached.
+pub fn cached(source: &str, spec: &ModelSpec) -> Result<Artifact, ArtifactError> {
+    if let Some(path) = cache_path(source) {
+        if let Ok(a) = Artifact::load(&path)
+            && a.source_hash == sha256_hex(source.as_bytes())
+        {
+            return Ok(a);
+        }
+        let a = build(source, spec)?;
+        if let Some(dir) = path.parent()
+            && std::fs::create_dir_all(dir).is_ok()
+        {
+            // A cache that cannot be written is not an error: the artifact is still returned.
+            let _ = a.save(&path);
+        }
+        return Ok(a);
+    }
+    build(source, spec)
+}
