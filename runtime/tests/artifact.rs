@@ -59,7 +59,7 @@ fn damaged_artifacts_are_clear_errors() {
     let text = String::from_utf8_lossy(&bytes[MAGIC.len()..]).into_owned();
     let i = text.find("\"vocab\":64").expect("vocab");
     let mut bad = MAGIC.to_vec();
-    bad.extend(text[..i].as_bytes());
+    bad.extend(&text.as_bytes()[..i]);
     bad.extend(text[i..].replacen("\"vocab\":64", "\"vocab\":65", 1).as_bytes());
     let e = Artifact::from_bytes(&bad, p).unwrap_err();
     assert!(e.to_string().contains("content hash mismatch"), "{e}");
