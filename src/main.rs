@@ -154,6 +154,32 @@ enum Command {
         #[arg(long)]
         stop: Vec<String>,
     },
+    /// Latency, throughput, per-kernel times and the decode memory roofline.
+    #[command(
+        after_help = "Examples:\n  flashc bench examples/hybrid-100m.arch --random --batch 1,4 --prompt 128 --decode 32\n  \
+                            flashc bench examples/nemotron-flash-1b.arch --random --device cuda --batch 1,8,64 --prompt 2048 --decode 256 --json"
+    )]
+    Bench {
+        /// The model: an .arch file, an artifact or a Hugging Face directory.
+        model: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Use random weights instead of `--weights`.
+        #[arg(long)]
+        random: bool,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// Decode steps.
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Full prefill logits (f32, `[T, vocab]` per sequence: `seq0`, `seq1`, ...) as safetensors.
     #[command(
         after_help = "Example:\n  flashc logits examples/tiny-hybrid.arch --weights tiny.safetensors --tokens \"1 2 3\" --tokens \"4 5\" -o out.safetensors"
@@ -267,6 +293,9 @@ fn main() -> ExitCode {
             run::generate(&model, &load, &prompt, max_tokens, sampling, &stop)
         }
         Command::Logits { model, load, tokens, output } => run::logits(&model, &load, &tokens, &output),
+        Command::Bench { model, load, random, batch, prompt, decode, json } => {
+            run::bench(&model, &load, random, &batch, prompt, decode, json)
+        }
         Command::Explain { code } => commands::explain(code.as_deref()),
     };
     match result {

@@ -28,6 +28,11 @@ struct Loaded {
 /// Reads the spec (from an .arch file, or by importing a Hugging Face directory), the weights and the
 /// tokenizer.
 fn load(model: &Path, args: &LoadArgs) -> Result<Loaded, Failed> {
+    load_with(model, args, None)
+}
+
+/// Like `load`, with random weights from `seed` when given.
+fn load_with(model: &Path, args: &LoadArgs, random: Option<u64>) -> Result<Loaded, Failed> {
     match args.device {
         DeviceArg::Cpu => {}
         DeviceArg::Sim | DeviceArg::Cuda => {
@@ -61,6 +66,7 @@ fn load(model: &Path, args: &LoadArgs) -> Result<Loaded, Failed> {
     let weights: PathBuf = match (&args.weights, is_dir) {
         (Some(w), _) => w.clone(),
         (None, true) => model.to_path_buf(),
+        (None, false) if random.is_some() => PathBuf::new(),
         (None, false) => return Err(fail("no weights: give `--weights FILE` (`flashc init` writes random ones)")),
     };
     let tokenizer = match (&args.tokenizer, is_dir) {
@@ -78,7 +84,10 @@ fn load(model: &Path, args: &LoadArgs) -> Result<Loaded, Failed> {
         )));
     }
     let eos = if is_dir { eos_ids(model) } else { Vec::new() };
-    let w = flashc_runtime::weights::load(&spec, &weights).map_err(fail)?;
+    let w = match random {
+        Some(seed) => flashc_runtime::weights::init(&spec, seed),
+        None => flashc_runtime::weights::load(&spec, &weights).map_err(fail)?,
+    };
     let model = Model::from_artifact(&Cpu, &artifact, w).map_err(fail)?;
     Ok(Loaded { model, tokenizer, eos })
 }
@@ -236,5 +245,58 @@ pub fn logits(model_path: &Path, args: &LoadArgs, tokens: &[String], output: &Pa
         names.iter().zip(&shapes).zip(&logits).map(|((n, s), l)| (n.as_str(), s.as_slice(), l.as_slice())).collect();
     flashc_runtime::weights::save_tensors(&tensors, output, "flashc-logits").map_err(fail)?;
     println!("wrote {} ({} sequences)", output.display(), seqs.len());
+    Ok(())
+}
+
+pub fn bench(
+    model_path: &Path,
+    args: &LoadArgs,
+    random: bool,
+    batches: &[usize],
+    prompt: usize,
+    decode: usize,
+    json: bool,
+) -> CmdResult {
+    if batches.is_empty() || batches.contains(&0) || prompt == 0 {
+        return Err(fail("--batch sizes and --prompt must be at least 1"));
+    }
+    let loaded = load_with(model_path, args, random.then_some(0))?;
+    let model = &loaded.model;
+    if model.spec.meta_tokens as usize + prompt + decode > model.spec.max_seq as usize {
+        return Err(fail(format!(
+            "--prompt {prompt} + --decode {decode} exceeds the model's max_seq of {} (meta tokens included)",
+            model.spec.max_seq
+        )));
+    }
+    eprintln!("measuring memory bandwidth...");
+    let bandwidth = flashc_runtime::bench::measure_host_bandwidth();
+    let mut results = Vec::new();
+    for &b in batches {
+        eprintln!("batch {b}: prefill {prompt} tokens, decode {decode} steps...");
+        // The cpu device keeps weights and activations in f32.
+        let cfg = flashc_runtime::bench::BenchConfig {
+            batch: b,
+            prompt,
+            decode,
+            bandwidth,
+            weight_bytes: 4.0,
+            act_bytes: 4.0,
+        };
+        results.push(flashc_runtime::bench::run(&Cpu, model, &cfg).map_err(fail)?);
+    }
+    let report = flashc_runtime::bench::BenchReport {
+        model: model.spec.name.clone(),
+        device: "cpu".to_string(),
+        parameters: flashc_dsl::stats::model_stats(&model.spec).params_total,
+        bandwidth_bytes_per_s: bandwidth,
+        bandwidth_source: "measured at start-up: parallel streaming reads of 256 MiB".to_string(),
+        results,
+    };
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| fail(format!("cannot serialise: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", report.table(8));
+    }
     Ok(())
 }

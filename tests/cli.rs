@@ -276,3 +276,36 @@ fn generate_runs_a_hugging_face_directory() {
     expected.push_str(&stream.finish().unwrap());
     assert_eq!(text(&out.stdout).trim_end_matches('\n'), expected);
 }
+
+#[test]
+fn bench_reports_latency_throughput_kernels_and_the_roofline() {
+    let out = flashc(&[
+        "bench",
+        "examples/tiny-hybrid.arch",
+        "--random",
+        "--batch",
+        "1,2",
+        "--prompt",
+        "8",
+        "--decode",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(v["bandwidth_bytes_per_s"].as_f64().unwrap() > 0.0);
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2);
+    for r in results {
+        for key in
+            ["time_to_first_token_ms", "decode_step_ms", "decode_tokens_per_s", "roofline_step_ms", "roofline_fraction"]
+        {
+            let x = r[key].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+        }
+        assert!(!r["decode_kernels"].as_array().unwrap().is_empty());
+    }
+    let out = flashc(&["bench", "examples/tiny-hybrid.arch", "--random", "--prompt", "100000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("max_seq"));
+}

@@ -40,6 +40,7 @@
 //! ```
 
 pub mod artifact;
+pub mod bench;
 pub mod cpu;
 pub mod device;
 pub mod model;

@@ -89,6 +89,8 @@ pub struct Session<'a, D: Device> {
     decode_mem: Option<D::Memory>,
     /// Every token fed to each sequence (prompt and generated).
     history: Vec<Vec<u32>>,
+    /// Per-kernel times of decode steps, when profiling.
+    profile: Option<crate::bench::Profile>,
 }
 
 impl<'a, D: Device> Session<'a, D> {
@@ -122,7 +124,18 @@ impl<'a, D: Device> Session<'a, D> {
             cached: vec![meta; batch],
             decode_mem: None,
             history: vec![Vec::new(); batch],
+            profile: None,
         })
+    }
+
+    /// Times every kernel of later decode steps (synchronising after each).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = if on { Some(Default::default()) } else { None };
+    }
+
+    /// The kernel times collected since profiling was switched on.
+    pub fn take_profile(&mut self) -> crate::bench::Profile {
+        self.profile.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn batch(&self) -> usize {
@@ -276,7 +289,21 @@ impl<'a, D: Device> Session<'a, D> {
                 self.device.upload(mem, b, data)?;
             }
         }
-        execute(self.device, prog, mem)?;
+        match self.profile.as_mut() {
+            None => execute(self.device, prog, mem)?,
+            Some(profile) => {
+                for k in &prog.kernels {
+                    let t = std::time::Instant::now();
+                    self.device.run(prog, k, mem)?;
+                    self.device.synchronize()?;
+                    let e = profile
+                        .entry(k.name.clone())
+                        .or_insert_with(|| crate::bench::KernelTime { name: k.name.clone(), ..Default::default() });
+                    e.calls += 1;
+                    e.seconds += t.elapsed().as_secs_f64();
+                }
+            }
+        }
         let logits_buf =
             output_buffer(prog, "logits").ok_or_else(|| RuntimeError::Compile("no logits output".into()))?;
         let logits = match self.device.download(prog, mem, logits_buf)? {
