@@ -35,11 +35,17 @@ fn load(model: &Path, args: &LoadArgs) -> Result<Loaded, Failed> {
 fn load_with(model: &Path, args: &LoadArgs, random: Option<u64>) -> Result<Loaded, Failed> {
     match args.device {
         DeviceArg::Cpu => {}
-        DeviceArg::Sim | DeviceArg::Cuda => {
-            return Err(fail(format!(
-                "the `{}` device is not available in this build of flashc; use `--device cpu`",
-                if args.device == DeviceArg::Sim { "sim" } else { "cuda" }
-            )));
+        DeviceArg::Cuda => {
+            // Fails with "no CUDA driver found" on machines without a GPU.
+            flashc_runtime::cuda::Cuda::new(0).map_err(fail)?;
+            return Err(fail(
+                "the cuda device cannot run whole models yet: GPU kernels exist for some kernel groups only; use `--device cpu`",
+            ));
+        }
+        DeviceArg::Sim => {
+            return Err(fail(
+                "the sim device cannot run whole models yet: GPU kernels exist for some kernel groups only; use `--device cpu`",
+            ));
         }
     }
     let is_dir = model.is_dir();

@@ -42,6 +42,7 @@
 pub mod artifact;
 pub mod bench;
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 pub mod model;
 pub mod sample;
