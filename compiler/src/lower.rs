@@ -216,10 +216,14 @@ impl<'a> Lowerer<'a> {
         }
         let head = if spec.tie_embeddings { embed } else { self.weight("lm_head".to_string(), &[v, h]) };
         let raw = self.v(Op::MatMul { trans_a: false, trans_b: true }, &[x, head])?;
+        let raw = if self.dtype == DType::F32 { raw } else { self.v(Op::Convert { dtype: DType::F32 }, &[raw])? };
         let logits = match spec.logits {
-            Logits::RowNormalized => self.v(Op::RowNormLogits, &[raw, head])?,
-            Logits::Plain if self.dtype == DType::F32 => raw,
-            Logits::Plain => self.v(Op::Convert { dtype: DType::F32 }, &[raw])?,
+            // The inverse row norms depend on the weight only: computed once at load.
+            Logits::RowNormalized => {
+                let inv = self.v(Op::RowInvNorm, &[head])?;
+                self.v(Op::Mul, &[raw, inv])?
+            }
+            Logits::Plain => raw,
         };
         self.g.set_output("logits", logits);
         if let Some(targets) = targets {

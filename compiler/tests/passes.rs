@@ -125,10 +125,11 @@ fn op_kind(op: &Op) -> usize {
         Op::DeltaStep { .. } => 36,
         Op::CrossEntropy => 37,
         Op::Fused(_) => 38,
+        Op::RowInvNorm => 39,
     }
 }
 
-const OP_KINDS: usize = 39;
+const OP_KINDS: usize = 40;
 
 fn collect_kinds(g: &Graph, kinds: &mut BTreeSet<usize>) {
     for n in g.node_ids() {

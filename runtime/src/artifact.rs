@@ -214,14 +214,28 @@ impl Artifact {
 }
 
 /// Where the artifact of an `.arch` source is cached: `$FLASHC_CACHE` or `$XDG_CACHE_HOME/flashc` or
-/// `~/.cache/flashc`, named by the SHA-256 of the source and the flashc version.
+/// `~/.cache/flashc`, named by the SHA-256 of the source and of the compiler that compiles it (the
+/// flashc version and the running executable's size and modification time, so a rebuilt compiler
+/// never reuses artifacts of an older one).
 pub fn cache_path(source: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("FLASHC_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("flashc")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("flashc")))?;
-    let key = sha256_hex(format!("{}\n{}", env!("CARGO_PKG_VERSION"), source).as_bytes());
+    let key = sha256_hex(format!("{}\n{}\n{}", env!("CARGO_PKG_VERSION"), compiler_fingerprint(), source).as_bytes());
     Some(dir.join(format!("{key}.flashc")))
+}
+
+/// Identifies the running compiler build.
+fn compiler_fingerprint() -> String {
+    let exe = std::env::current_exe().ok();
+    let meta = exe.as_ref().and_then(|e| std::fs::metadata(e).ok());
+    let mtime = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{:?} {} {mtime}", exe, meta.map_or(0, |m| m.len()))
 }
 
 /// The artifact of `source`: from the cache when present and valid, else compiled and cached.

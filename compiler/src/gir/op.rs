@@ -147,6 +147,9 @@ pub enum Op {
     GatedRmsNorm { eps: f64, group: u64, norm_before_gate: bool },
     /// `(logits [.., V], w [V, H]) → logits[.., v] / ‖w[v]‖₂`, result f32.
     RowNormLogits,
+    /// `(w [V, H]) → f32[V]`: `1 / ‖w[v]‖₂` per row (0 for a zero row). On a weight it is computed once
+    /// at load, so row-normalised logits become a multiply in the LM head's epilogue.
+    RowInvNorm,
 
     // ------------------------------------------------------------------ positions
     /// `(x [B, T, heads, d], start i32[B]) → x` rotated by position `start[b] + t` with inverse
@@ -276,6 +279,7 @@ impl Op {
             Op::L2Norm { .. } => "l2norm",
             Op::GatedRmsNorm { .. } => "gated_rmsnorm",
             Op::RowNormLogits => "row_norm_logits",
+            Op::RowInvNorm => "row_inv_norm",
             Op::Rope { .. } => "rope",
             Op::Conv1d { .. } => "conv1d",
             Op::Conv1dUpdate { .. } => "conv1d_update",
@@ -363,6 +367,7 @@ impl Op {
             | Op::Gelu
             | Op::Swiglu
             | Op::RowNormLogits
+            | Op::RowInvNorm
             | Op::KvWrite
             | Op::SsdStep
             | Op::CrossEntropy => Vec::new(),
@@ -457,6 +462,7 @@ impl Op {
                 norm_before_gate: boolean("norm_before_gate")?,
             },
             "row_norm_logits" => Op::RowNormLogits,
+            "row_inv_norm" => Op::RowInvNorm,
             "rope" => {
                 let style = match string("style")?.as_str() {
                     "rotate_half" => RopeStyle::RotateHalf,
@@ -781,6 +787,12 @@ fn infer(op: &Op, ins: &[&TensorType], declared: Option<&[TensorType]>) -> Resul
             rank("lm head", ins[1], 2)?;
             same("vocabulary", &ins[0].last(), &ins[1].shape[0])?;
             one(ins[0].with_dtype(DType::F32))
+        }
+        Op::RowInvNorm => {
+            arity(op, ins, 1)?;
+            rank("matrix", ins[0], 2)?;
+            float("matrix", ins[0])?;
+            one(TensorType::new(DType::F32, [ins[0].shape[0].clone()]))
         }
         Op::Rope { .. } => {
             arity(op, ins, 2)?;

@@ -123,6 +123,7 @@ pub fn launch(g: &Graph, n: NodeId) -> Result<Launch, String> {
             Launch::Matmul { batch, m, n: out.shape[r - 1].clone(), k }
         }
         Op::RmsNorm { .. } | Op::L2Norm { .. } | Op::GatedRmsNorm { .. } | Op::RowNormLogits => rows(out),
+        Op::RowInvNorm => rows(&ins[0].clone()),
         Op::Embed => Launch::Rows { rows: operand(1)?.numel(), width: out.last() },
         Op::CrossEntropy => rows(operand(0)?),
         Op::Conv1d { .. } => {

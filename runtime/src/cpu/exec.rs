@@ -521,6 +521,19 @@ fn eval_op(
             k::row_norm_logits(numel(&s) / v.max(1), v, w[1], ins[0].f(), ins[1].f(), &mut o)?;
             Ok(vec![f(o)])
         }
+        Op::RowInvNorm => {
+            let w = shape(0)?;
+            let (v, h) = (w[0], w[1]);
+            let x = ins[0].f();
+            let o: Vec<f32> = (0..v)
+                .map(|r| {
+                    let n: f64 =
+                        x[r * h..(r + 1) * h].iter().map(|a| f64::from(*a) * f64::from(*a)).sum::<f64>().sqrt();
+                    if n > 0.0 { (1.0 / n) as f32 } else { 0.0 }
+                })
+                .collect();
+            Ok(vec![f(o)])
+        }
         Op::Rope { style, theta } => {
             let s = shape(0)?;
             let dims = k::RopeDims { batch: s[0], tokens: s[1], heads: s[2], d: s[3] };
