@@ -10,3 +10,4 @@
 //! - output is deterministic: the same program gives byte-identical kir, PTX and CLIF.
 
 pub mod kir;
+pub mod ptx;
