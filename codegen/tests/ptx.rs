@@ -234,7 +234,8 @@ fn mma_tile() -> Kernel {
     let a_bytes = b.selp(Ty::U32, 16u32.into(), 0u32.into(), a_inside);
     let a_sm_off = b.mad(Ty::U32, arow.into(), 32u32.into(), base.into());
     let a_sm = b.mad(Ty::U32, ahalf.into(), 16u32.into(), a_sm_off.into());
-    let v_sm = b.mad(Ty::U32, lane.into(), 16u32.into(), base.into());
+    let v_base = b.add(Ty::U32, base.into(), 1024u32.into());
+    let v_sm = b.mad(Ty::U32, lane.into(), 16u32.into(), v_base.into());
     let v_lane = b.setp(Cmp::Lt, Ty::U32, lane.into(), 16u32.into());
     let issue = |b: &mut Builder, tile: Reg, stage: Reg| {
         let k0 = b.bin(BinOp::Shl, Ty::U32, tile.into(), 4u32.into());
@@ -250,11 +251,11 @@ fn mma_tile() -> Kernel {
             let voff = b.mad(Ty::U32, stage.into(), 256u32.into(), v_sm.into());
             b.cp_async(voff.into(), vsrc.into(), 16, None);
         });
-        b.cp_async_commit();
     };
     b.comment("prologue: stage 0 <- tile 0");
     let zero = b.mov(Ty::U32, 0u32.into());
     issue(&mut b, zero, zero);
+    b.cp_async_commit();
     let acc = [b.reg(Ty::F32), b.reg(Ty::F32), b.reg(Ty::F32), b.reg(Ty::F32)];
     for r in acc {
         b.assign(r, 0.0f32.into());
@@ -272,6 +273,9 @@ fn mma_tile() -> Kernel {
             let stage = b.bin(BinOp::And, Ty::U32, next.into(), 1u32.into());
             issue(b, next, stage);
         });
+        // Commit even when nothing was issued, so `wait_group 1` always leaves only the next tile
+        // in flight.
+        b.cp_async_commit();
         b.cp_async_wait(1);
         b.bar();
         let stage = b.bin(BinOp::And, Ty::U32, t.into(), 1u32.into());
