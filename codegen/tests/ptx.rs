@@ -994,6 +994,8 @@ fn math_ops_all_forms() {
         "neg.f32 ",
         "add.rn.f32 ",
         "sub.rn.f32 ",
+        "add.rn.f64 ",
+        "sub.rn.f64 ",
         "mul.rn.f32 ",
         "div.rn.f32 ",
         "min.f32 ",
