@@ -20,6 +20,8 @@
 //! - reads of shared memory no thread of the block wrote, and of registers the thread never wrote;
 //! - shared-memory races: between two barriers, a byte written by one thread and read or written by
 //!   another (atomics race only with plain accesses);
+//! - global-memory races: a byte written by one block and read or written by another, or by another
+//!   thread of the same block with no barrier between (read-then-write orders are not tracked);
 //! - `cp.async`: the copy lands in shared memory when the `cp.async.wait_group` that completes its
 //!   group runs; until then its destination is *pending* and any access to it is an error;
 //! - `ld.global.nc` of bytes the kernel wrote;
@@ -197,6 +199,8 @@ pub fn run(kernel: &Kernel, launch: &Launch, args: &[Arg], mem: &mut GlobalMemor
                     k: kernel,
                     n,
                     ctaid: [x, y, z],
+                    linear: x + gx * (y + gy * z),
+                    interval: 0,
                     regs: std::mem::take(&mut regs),
                     init: std::mem::take(&mut init),
                     shared: &mut shared,
