@@ -122,7 +122,9 @@ fn launch_error(kernel: &Kernel, kind: SimErrorKind, inst: String) -> SimError {
     SimError { kernel: kernel.name.clone(), kind, block: [0; 3], thread: None, inst }
 }
 
-/// Runs `kernel` on `launch.grid` blocks of `launch.block` threads with `args` over `mem`.
+/// Runs `kernel` on `launch.grid` blocks of `launch.block` threads with `args` over `mem`, and returns
+/// what it executed. On an error, `mem` holds whatever the kernel wrote before the failing
+/// instruction (blocks run in linear order, so earlier blocks completed).
 pub fn run(kernel: &Kernel, launch: &Launch, args: &[Arg], mem: &mut GlobalMemory) -> Result<Stats, SimError> {
     validate(kernel).map_err(|(m, inst)| launch_error(kernel, SimErrorKind::InvalidKernel(m), inst))?;
     let bad = |m: String| launch_error(kernel, SimErrorKind::Launch(m), String::new());
@@ -186,6 +188,7 @@ pub fn run(kernel: &Kernel, launch: &Launch, args: &[Arg], mem: &mut GlobalMemor
     let all = Mask::new((0..n as u32).collect());
     let mut regs = vec![0u64; kernel.regs.len() * n];
     let mut init = vec![false; kernel.regs.len() * n];
+    let mut asyncs = vec![AsyncQueue::default(); n];
 
     mem.track_writes(true);
     let mut result = Ok(());
@@ -205,12 +208,17 @@ pub fn run(kernel: &Kernel, launch: &Launch, args: &[Arg], mem: &mut GlobalMemor
                     init: std::mem::take(&mut init),
                     shared: &mut shared,
                     global: mem,
-                    asyncs: vec![AsyncQueue::default(); n],
+                    asyncs: std::mem::take(&mut asyncs),
                     stats: &mut stats,
                 };
                 let r = block.exec(&kernel.body, &all);
                 regs = block.regs;
                 init = block.init;
+                asyncs = block.asyncs;
+                // Copies never waited for die with their block.
+                for q in asyncs.iter_mut().filter(|q| !q.open.is_empty() || !q.committed.is_empty()) {
+                    *q = AsyncQueue::default();
+                }
                 stats.blocks += 1;
                 if let Err(e) = r {
                     result = Err(e);
