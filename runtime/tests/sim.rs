@@ -1561,3 +1561,28 @@ fn cp_async_pipeline_needs_a_barrier_before_refilling_a_stage() {
         fails(&pipeline_kernel(false, stages), launch(1, 32), &[Arg::Ptr(xa), Arg::Ptr(oa)], &mut mem, "cp.async.cg");
     assert!(matches!(e.kind, SimErrorKind::Race { second: flashc_runtime::sim::Access::Write, .. }), "{e}");
 }
+
+#[test]
+fn malformed_kernels_and_undefined_ops_are_refused() {
+    // A register that does not exist.
+    let mut b = Builder::new("bad_reg");
+    let r = b.reg(Ty::U32);
+    b.raw(Inst::Mov { ty: Ty::U32, dst: r, src: Reg(99).into() });
+    let k = b.finish();
+    let e = fails(&k, launch(1, 1), &[], &mut GlobalMemory::new(), "mov.u32 %r0, %r99");
+    assert!(matches!(e.kind, SimErrorKind::InvalidKernel(_)), "{e}");
+    // A vector wider than 16 bytes.
+    let mut b = Builder::new("wide_vector");
+    let x = b.param_ptr("x");
+    let _ = b.ld_vec(Space::Global, Ty::F64, Cache::None, x.into(), 0, 4);
+    let e = fails(&b.finish(), launch(1, 1), &[Arg::Ptr(0)], &mut GlobalMemory::new(), "ld.global.v4.f64");
+    assert!(matches!(e.kind, SimErrorKind::InvalidKernel(_)), "{e}");
+    // rem.f32 does not exist in PTX.
+    let mut b = Builder::new("rem_f32");
+    let _ = b.bin(BinOp::Rem, Ty::F32, 1.0f32.into(), 2.0f32.into());
+    let e = fails(&b.finish(), launch(1, 1), &[], &mut GlobalMemory::new(), "rem.f32");
+    assert!(matches!(e.kind, SimErrorKind::Unsupported(_)), "{e}");
+    // The message says where: kernel, block, thread and instruction.
+    let msg = e.to_string();
+    assert!(msg.starts_with("kernel rem_f32: block (0,0,0), thread (0,0,0): unsupported"), "{msg}");
+}

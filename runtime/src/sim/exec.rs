@@ -13,8 +13,7 @@ use std::collections::VecDeque;
 
 use flashc_codegen::kir::{AtomOp, BinOp, Cache, Inst, Kernel, Operand, Reg, Space, Special, Stmt, Ty};
 
-use super::error::Access;
-use super::error::SimError;
+use super::error::{Access, SimError};
 use super::memory::{GlobalFault, GlobalMemory, Writer};
 use super::num::{self, NumError};
 use super::print;
