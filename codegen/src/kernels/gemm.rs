@@ -11,8 +11,8 @@
 //!   `cp.async.cg` 16-byte copies (each of the 128 threads copies two chunks of each tile per stage).
 //!   Chunk `c` of row `r` lives at `r·64 + 16·(c ^ ((r >> 1) & 3))`: the 64-byte XOR swizzle (bits
 //!   4–5 of the address XOR bits 7–8), so the eight 16-byte rows an `ldmatrix` phase reads fall in
-//!   eight different bank groups. Static shared memory: `stages · 8 KiB` (+ `stages · 64` bytes of
-//!   norm weights and 256 bytes of row factors with the RMSNorm prologue), 24 KiB at 3 stages.
+//!   eight different bank groups. Static shared memory: `max(stages · 8 KiB, 18 KiB)` (the epilogue's
+//!   C tile reuses it), + 256 bytes of row factors with the RMSNorm prologue: 24 KiB at 3 stages.
 //! * **Pipeline**: the standard multi-stage `cp.async` loop: the prologue issues and commits stages
 //!   `0..S-1`; iteration `kt` waits for `S-2` pending groups, `bar.sync`s, issues and commits k-tile
 //!   `kt + S - 1` into the buffer consumed in iteration `kt - 1`, then computes on buffer `kt % S`
@@ -33,30 +33,35 @@
 //!
 //! # Prologue: RMSNorm
 //!
-//! `A' = A · rstd[row] · g[k]` with `rstd = 1 / sqrt(mean(A[row]²) + eps)`, fully fused (no pre-pass, no
-//! extra traffic). The norm weight slice of each k-tile travels with it through the `cp.async`
-//! pipeline; after the wait, each thread scales the two A chunks it copied itself (its own copies are
-//! visible to it) by `g` in place, rounding to bf16 like the unfused norm's output, and adds the
-//! squares of the raw values to its rows' sums; the barrier that publishes the stage follows. After the
-//! k loop the four threads of a row (lanes `4q..4q+3`) add their sums with two shuffles, `rstd` of the
-//! 64 tile rows goes through shared memory, and the accumulators of each row are scaled by it.
+//! `A' = A · rstd[row] · g[k]` with `rstd = 1 / sqrt(mean(A[row]²) + eps)`, fully fused (no pre-pass).
+//! After the wait for a stage, each thread scales the two A chunks it copied itself (its own copies
+//! are visible to it before any barrier) by `g` in place, rounding to bf16 like the unfused norm's
+//! output, and adds the squares of the raw values to its rows' sums; the barrier that publishes the
+//! stage follows. The thread's 16 bytes of `g` come from a read-only global load issued before the
+//! wait (a shared copy made by one thread would need another barrier). After the k loop the four
+//! threads of a row (lanes `4q..4q+3`) add their sums with two shuffles, `rstd` of the 64 tile rows
+//! goes through shared memory, and every output of a row is scaled by it.
 //!
 //! # Epilogues
 //!
-//! In registers, straight from the accumulators, masked `b32` stores of bf16 pairs:
+//! After the k loop the warps write their accumulators (f32) to a `[64][72]` tile in shared memory
+//! (reusing the pipeline buffers; the 72-float row stride keeps the 8-byte stores of a half warp on
+//! distinct banks), and each thread then finishes units of 8 tile columns of one row: consecutive
+//! threads cover consecutive columns of a row, the accumulators are dead (no register pressure from
+//! the epilogue math) and stores are masked `b32` pairs of bf16.
 //! * `None`: `C = A·Wᵀ`; `Bias`: `+ bias[n]`; `Residual`: `+ residual[m, n]` (`out` may alias
-//!   `residual`: every element is read and written by the same thread); `Relu2`: `max(C, 0)²`.
+//!   `residual`: every element is read, then written, by the same thread); `Relu2`: `max(C, 0)²`.
 //! * `Swiglu`: W is the fused `[gate; up]` weight (`N` rows, gate rows `0..N/2`); the output is
-//!   `[M, N/2]` with `out[:, j] = silu(C[:, j]) · C[:, j + N/2]` (N/2 must be even). Blocks own 32
-//!   output columns: the W tile's rows are permuted so each warp's n8 tiles 0, 1 hold gate columns
-//!   and tiles 2, 3 the matching up columns, so a thread holds both factors of its outputs.
+//!   `[M, N/2]` with `out[:, j] = silu(C[:, j]) · C[:, j + N/2]` (N/2 must be even). A block owns 32
+//!   output columns: its W tile row `32·w + 16·h + q` is gate (`h = 0`) or up (`h = 1`) row of output
+//!   column `32·block + 16·w + q`, so both factors of an output are in the block's C tile.
 //! * `Rope`: rotate-half RoPE on the column range `[lo, hi)` (whole heads of `head_dim`, e.g. the q
 //!   and k parts of a fused QKV product), optionally after a bias. Blocks `0..rope_blocks` own 32
-//!   rotation pairs each, permuted like SwiGLU (tiles 0, 1 the first halves, tiles 2, 3 the partners
-//!   `+ head_dim/2`); the other blocks cover the remaining columns plainly. The position of row `r`
-//!   is `start[r / T] + r % T` (`tokens` = T parameter); the angle is `pos · inv_freq[i]` in f32
+//!   rotation pairs each, laid out like SwiGLU (first halves and their partners `+ head_dim/2`); the
+//!   other blocks cover the remaining columns plainly. The position of row `r` is
+//!   `start[r / T] + r % T` (`tokens` = T parameter); the angle is `pos · inv_freq[i]` in f32
 //!   (`inv_freq` an f32 buffer of `head_dim/2`, as the cpu reference computes it) and its sine and
-//!   cosine are evaluated with a 3-part Cody–Waite reduction and minimax polynomials (~1 ulp).
+//!   cosine are evaluated with a 3-part Cody–Waite reduction and the Cephes polynomials (~1 ulp).
 //!
 //! # Parameters (in order)
 //!
@@ -230,15 +235,10 @@ pub fn check_sizes(spec: &GemmSpec, m: u32, n: u32, k: u32) -> Result<(), Codege
     Ok(())
 }
 
-/// The grid for concrete sizes (one block row per M tile; any smaller grid y also works).
-pub fn grid(spec: &GemmSpec, m: u32, n: u32) -> [u32; 3] {
-    [blocks_x(spec.epilogue, n), m.div_ceil(BM).max(1), 1]
-}
-
 fn blocks_x(epi: GemmEpilogue, n: u32) -> u32 {
     match epi {
         GemmEpilogue::Swiglu => (n / 2).div_ceil(PAIRS),
-        GemmEpilogue::Rope(r) => rope_blocks(r) + (n - (r.hi - r.lo)).div_ceil(BN),
+        GemmEpilogue::Rope(r) => rope_blocks(r) + n.saturating_sub(r.hi - r.lo).div_ceil(BN),
         _ => n.div_ceil(BN),
     }
 }
@@ -266,15 +266,16 @@ fn validate(spec: &GemmSpec) -> Result<(), CodegenError> {
             return shape("RoPE needs the tokens per sequence".to_string());
         }
     }
-    if let (Some(m), Some(n), Some(k)) = (spec.m.as_const(), spec.n.as_const(), spec.k.as_const()) {
-        let u = |x: i64| u32::try_from(x).map_err(|_| CodegenError::Shape(format!("{}: size {x}", spec.name)));
-        check_sizes(spec, u(m)?, u(n)?, u(k)?)?;
-    } else if let Some(k) = spec.k.as_const()
-        && k % 8 != 0
-    {
-        return shape(format!("K = {k} is not a multiple of 8"));
-    }
-    Ok(())
+    // N (the weight's rows) fixes the grid, so it must be known; M and K are checked when they are.
+    let size = |d: &Dim| {
+        d.as_const()
+            .map(|x| u32::try_from(x).map_err(|_| CodegenError::Shape(format!("{}: size {x}", spec.name))))
+            .transpose()
+    };
+    let Some(n) = size(&spec.n)? else {
+        return shape(format!("N = {} is not a constant", spec.n));
+    };
+    check_sizes(spec, size(&spec.m)?.unwrap_or(0), n, size(&spec.k)?.unwrap_or(0))
 }
 
 fn launch_rule(spec: &GemmSpec) -> Result<LaunchRule, CodegenError> {
@@ -505,8 +506,7 @@ fn build(spec: &GemmSpec) -> Kernel {
 
     // Norm weight slices (one 64-byte k-tile slice per stage) and the 64 row factors follow the tiles.
     // The C tile of the epilogue reuses the start of it; the row factors go past both.
-    let norm_at = s * STAGE_BYTES;
-    let rstd_at = (norm_at + s * ROW_BYTES).max(C_TILE_BYTES);
+    let rstd_at = (s * STAGE_BYTES).max(C_TILE_BYTES);
     let bytes = if norm_eps.is_some() { rstd_at + BM * 4 } else { (s * STAGE_BYTES).max(C_TILE_BYTES) };
     let smem = b.shared("tiles", bytes, 128);
     let sbase = b.shared_addr(smem);
@@ -617,18 +617,6 @@ fn build(spec: &GemmSpec) -> Kernel {
                     b.cp_async(dst.into(), src.into(), 16, Some(nbytes.into()));
                 }
             }
-            if let Some(gw) = norm_w {
-                let first = lt(b, tid.into(), 4u32.into());
-                b.if_(first, |b| {
-                    let src = gaddr(b, gw, kpos, 2);
-                    let src = b.selp(Ty::U64, src.into(), gw.into(), kok);
-                    let nbytes = b.selp(Ty::U32, 16u32.into(), 0u32.into(), kok);
-                    let dst = madu(b, stage.into(), ROW_BYTES.into(), sbase.into());
-                    let dst = madu(b, lc.into(), 16u32.into(), dst.into());
-                    let dst = addu(b, dst.into(), norm_at.into());
-                    b.cp_async(dst.into(), src.into(), 16, Some(nbytes.into()));
-                });
-            }
         };
 
         b.comment("pipeline prologue");
@@ -640,17 +628,24 @@ fn build(spec: &GemmSpec) -> Kernel {
         }
         b.comment("main loop over k tiles");
         b.for_uniform(Ty::U32, 0u32.into(), k_tiles.into(), 1u32.into(), |b, kt| {
+            // The norm weights of this thread's chunk: a read-only global load (L1/L2-resident, shared
+            // by every block) issued before the wait, so the wait hides its latency. It is not staged:
+            // a copy by one thread would need a barrier before the others could read it.
+            let gv = norm_w.map(|gw| {
+                let kpos = madu(b, kt.into(), BK.into(), kel.into());
+                let kmax = b.bin(BinOp::Sub, Ty::U32, k.into(), 8u32.into());
+                // Past K the A chunk is zero-filled: any in-range weight does.
+                let kpos = b.bin(BinOp::Min, Ty::U32, kpos.into(), kmax.into());
+                let at = gaddr(b, gw, kpos, 2);
+                b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, at.into(), 0, 4)
+            });
             b.cp_async_wait(s - 2);
             let rs = b.bin(BinOp::Rem, Ty::U32, kt.into(), s.into());
             let abase = madu(b, rs.into(), STAGE_BYTES.into(), sbase.into());
-            if norm_w.is_some() {
-                // The copies of this thread have landed (for this thread): scale its own two A chunks by
-                // the norm weights in place, before the barrier publishes the stage.
+            if let Some(gv) = gv {
+                // This thread's copies have landed (for this thread): scale its own two A chunks by the
+                // norm weights in place, before the barrier publishes the stage.
                 b.comment("RMSNorm: A chunk *= norm_w, sum of squares of the raw values");
-                let ga = madu(b, rs.into(), ROW_BYTES.into(), sbase.into());
-                let ga = madu(b, lc.into(), 16u32.into(), ga.into());
-                // Kept packed (4 registers, not 8) and widened where used: the main loop is tight.
-                let gv = b.ld_vec(Space::Shared, Ty::B32, Cache::None, ga.into(), norm_at as i64, 4);
                 let chunk = addu(b, abase.into(), st_off.into());
                 for (i, &acc_ss) in ss.iter().enumerate() {
                     let off = i as i64 * 32 * i64::from(ROW_BYTES);
