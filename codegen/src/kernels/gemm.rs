@@ -1,6 +1,9 @@
 //! gemm: the prefill / training GEMM, `C[M, N] = A[M, K] · W[N, K]ᵀ` in bf16 with f32 accumulation
 //! on tensor cores (`mma.sync.m16n8k16`), with a fused RMSNorm prologue and fused epilogues.
 //!
+//! This is `MatMul { trans_a: false, trans_b: true }` with a rank-2 weight in PyTorch's `[out, in]`
+//! layout, the form of every projection; A and the output are row-major with K and N contiguous.
+//!
 //! # Tiling
 //!
 //! * **Block tile 64 × 64 × 32** (`BM × BN × BK`), 128 threads = 4 warps in a 2 × 2 grid; each warp
