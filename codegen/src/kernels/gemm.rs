@@ -486,7 +486,7 @@ fn build(spec: &GemmSpec) -> Kernel {
     let mut b = Builder::new(spec.name.clone());
     b.block_size(THREADS, 1, 1);
     b.doc(format!(
-        "GEMM C[M,N] = A[M,K]·W[N,K]^T, bf16 in, f32 accumulate; block tile {BM}x{BN}x{BK}, {THREADS} threads (2x2 warps of 32x32), mma.sync.m16n8k16"
+        "GEMM C[M,N] = A[M,K] * W[N,K]^T, bf16 in, f32 accumulate; block tile {BM}x{BN}x{BK}, {THREADS} threads (2x2 warps of 32x32), mma.sync.m16n8k16"
     ));
     b.doc(format!("cp.async {s}-stage pipeline, 64B XOR-swizzled shared tiles read with ldmatrix.x4"));
     b.doc(format!("prologue: {:?}; epilogue: {:?}", spec.prologue, epi));

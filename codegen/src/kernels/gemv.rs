@@ -222,7 +222,7 @@ fn build(spec: &GemvSpec, sh: GemvShape) -> Kernel {
     let mut b = Builder::new(spec.name.clone());
     b.block_size(THREADS, 1, 1);
     b.doc(format!(
-        "GEMV C[M,N] = A[M,K]·W[N,K]^T for M <= {r_max}: {THREADS} threads, warps own {ROWS_PER_WARP} W rows, \
+        "GEMV C[M,N] = A[M,K] * W[N,K]^T for M <= {r_max}: {THREADS} threads, warps own {ROWS_PER_WARP} W rows, \
          {groups} column groups x {split} k groups (in-block split-K), 16-byte streaming W loads"
     ));
     b.doc(format!("A staged in shared memory in K chunks of {chunk}; {out_per_block} output columns per block"));
