@@ -56,8 +56,8 @@
 //! **Assumptions (checked at generation):** `d` a multiple of 16 and at most 128 (tensor cores; 32,
 //! 64 and 128 are the tested widths — other widths such as 80 or 96 run without the swizzle; `d > 128`
 //! would need a d-split of O and is refused), `scale > 0`, `Hkv | Hq`, `G ≤ 64`. At run time (as the
-//! cpu reference requires): every visible cached position is still in the cache, and every tensor has
-//! fewer than 2³² elements (u32 indexing).
+//! cpu reference requires): every visible cached position is still in the cache, every tensor has
+//! fewer than 2³² elements (u32 indexing), and `B·Hkv ≤ 65535` (grid y).
 //!
 //! # Decode (`attention_decode` → two kernels, launched in order)
 //!
@@ -87,7 +87,7 @@
 //!    over the `nsplit` used splits, rounded to bf16.
 //!
 //! **Assumptions:** `d` a multiple of 8 and at most 256, `Hkv | Hq`; at run time the cache holds
-//! every visible position (this step's key already written by `kv_write`).
+//! every visible position (this step's key already written by `kv_write`), and `B ≤ 65535` (grid z).
 //!
 //! # KV write (`kv_write`)
 //!
@@ -1303,7 +1303,9 @@ fn combine_kernel(spec: &DecodeSpec, t: &DecodeTiling, window: Option<i64>) -> K
     b.doc(format!(
         "attention_decode combine: O = sum_s 2^(LSE_s - M) O_s / sum_s 2^(LSE_s - M) over the used splits (at most {p_grid}); Hq {hq}, head_dim {d}"
     ));
-    b.doc(format!("grid [ceil(Hq / {rpb}), B, 1], block 128: {rpb} rows per block, one 16-byte output chunk per thread"));
+    b.doc(format!(
+        "grid [ceil(Hq / {rpb}), B, 1], block 128: {rpb} rows per block, one 16-byte output chunk per thread"
+    ));
     b.doc("params: part_o, part_lse, start, o, batch");
     b.block_size(THREADS, 1, 1);
     let po = b.param_ptr("part_o");
