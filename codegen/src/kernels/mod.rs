@@ -5,6 +5,7 @@
 //! kernel parameter as a function of the program's buffers and the runtime sizes B, T, S). Sizes that
 //! vary at run time are kernel parameters, so one kernel serves every batch and length.
 
+pub mod attention;
 pub mod gemm;
 pub mod gemv;
 
