@@ -6,6 +6,7 @@
 //! vary at run time are kernel parameters, so one kernel serves every batch and length.
 
 pub mod attention;
+pub mod delta;
 pub mod gemm;
 pub mod gemv;
 
