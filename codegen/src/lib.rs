@@ -11,3 +11,4 @@
 
 pub mod kernels;
 pub mod kir;
+pub mod ptx;
