@@ -5,6 +5,9 @@
 //! kernel parameter as a function of the program's buffers and the runtime sizes B, T, S). Sizes that
 //! vary at run time are kernel parameters, so one kernel serves every batch and length.
 
+pub mod conv;
+pub mod ssd;
+
 use flashc_compiler::gir::{Bindings, Dim};
 use flashc_compiler::schedule::BufferId;
 use serde::{Deserialize, Serialize};
