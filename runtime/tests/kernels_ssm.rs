@@ -390,31 +390,26 @@ fn ssd_scan_matches_cpu() {
                 // Different lens: all, none, one, a chunk boundary or inside a chunk.
                 let lens: Vec<i32> =
                     (0..batch).map(|b| [t, 0, 1, c.min(t), t.saturating_sub(2)][(b + si) % 5] as i32).collect();
-                let spec = SsdScanSpec::new("ssd_scan", dims, chunk);
-                let (y, s, stats) = sim_scan(&spec, &i, batch, t, &lens);
                 let mut ws = i.state.clone();
                 let mut wy = vec![0.0; i.x.len()];
-                cpu::ssd_scan(
-                    &cpu_dims(dims, batch, t),
-                    &i.x,
-                    &i.dt,
-                    &i.a,
-                    &i.bm,
-                    &i.cm,
-                    &i.d,
-                    &mut ws,
-                    &lens,
-                    c,
-                    &mut wy,
-                )
-                .expect("cpu scan");
-                let ey = check("ssd_scan y", &y, &qv(&wy), 1e-2);
-                let es = check("ssd_scan state", &s, &ws, 1e-2);
-                worst = (worst.0.max(ey), worst.1.max(es));
-                println!(
-                    "ssd_scan H={h} P={p} G={g} N={n} chunk={chunk} B={batch} T={t} lens={lens:?} init={with_state}: y {ey:.2e} state {es:.2e} ({} warp-instructions)",
-                    stats.instructions
-                );
+                let cd = cpu_dims(dims, batch, t);
+                cpu::ssd_scan(&cd, &i.x, &i.dt, &i.a, &i.bm, &i.cm, &i.d, &mut ws, &lens, c, &mut wy)
+                    .expect("cpu scan");
+                let mut runs = Vec::new();
+                for stages in [1, 2] {
+                    let mut spec = SsdScanSpec::new("ssd_scan", dims, chunk);
+                    spec.stages = Some(stages);
+                    let (y, s, stats) = sim_scan(&spec, &i, batch, t, &lens);
+                    let ey = check("ssd_scan y", &y, &qv(&wy), 1e-2);
+                    let es = check("ssd_scan state", &s, &ws, 1e-2);
+                    worst = (worst.0.max(ey), worst.1.max(es));
+                    println!(
+                        "ssd_scan H={h} P={p} G={g} N={n} chunk={chunk} B={batch} T={t} lens={lens:?} init={with_state} stages={stages}: y {ey:.2e} state {es:.2e} ({} warp-instructions)",
+                        stats.instructions
+                    );
+                    runs.push((y, s));
+                }
+                assert_eq!(runs[0], runs[1], "1 and 2 stages compute the same values");
             }
         }
     }
@@ -525,6 +520,9 @@ struct Mamba2Case {
     norm_before_gate: bool,
 }
 
+/// A variant's results: (name, y, conv state, ssm state).
+type Mamba2Run = (&'static str, Vec<f32>, Vec<f32>, Vec<f32>);
+
 #[test]
 fn mamba2_step_matches_the_unfused_graph() {
     let mut rng = Rng::new(7);
@@ -575,6 +573,16 @@ fn mamba2_step_matches_the_unfused_graph() {
             clamp: None,
             norm_before_gate: false,
         },
+        // A per-head norm narrower than a B/C group: the split version only.
+        Mamba2Case {
+            dims: SsdDims { heads: 4, head_dim: 16, groups: 1, state: 16 },
+            k: 4,
+            group: 16,
+            batch: 2,
+            conv_bias: true,
+            clamp: None,
+            norm_before_gate: true,
+        },
         // The Nemotron-Flash state width (a whole warp per row), two norm groups.
         Mamba2Case {
             dims: SsdDims { heads: 4, head_dim: 64, groups: 2, state: 128 },
@@ -609,25 +617,42 @@ fn mamba2_step_matches_the_unfused_graph() {
         spec.dt_min = c.clamp.map(|v| v.0);
         spec.dt_max = c.clamp.map(|v| v.1);
         spec.operands = ssd::Mamba2Operands::numbered(c.conv_bias);
-        let kernel = ssd::mamba2_step(&spec).unwrap_or_else(|e| panic!("{e}"));
-        let o = &spec.operands;
-        let mut m = Mem::new();
-        m.bf16(o.zxbcdt, &zx);
-        m.bf16(o.dt_bias, &dt_bias);
-        m.bf16(o.conv_w, &conv_w);
-        m.bf16(o.conv_state, &conv_s);
-        if let Some(cb) = o.conv_bias {
-            m.bf16(cb, &conv_b);
+        // Both variants, when the one-kernel version takes the shape: (name, y, conv state, ssm state).
+        let mut variants: Vec<(&str, Vec<Generated>)> = Vec::new();
+        if let Ok(one) = ssd::mamba2_step(&spec) {
+            variants.push(("one kernel", vec![one]));
+        } else {
+            assert!(c.group < c.dims.head_dim * c.dims.heads / c.dims.groups, "only narrow norm groups are refused");
         }
-        m.bf16(o.a, &a);
-        m.bf16(o.d, &d);
-        m.f32(o.state, &ssm);
-        m.bf16(o.norm_w, &norm_w);
-        m.out(o.y, b * di * 2);
-        m.launch(&kernel, at(b, 1));
-        let y = m.read_bf16(o.y, b * di);
-        let cs = m.read_bf16(o.conv_state, conv_s.len());
-        let ss = m.read_f32(o.state, ssm.len());
+        variants.push(("split", ssd::mamba2_step_split(&spec).unwrap_or_else(|e| panic!("{e}")).to_vec()));
+        let o = &spec.operands;
+        let results: Vec<Mamba2Run> = variants
+            .into_iter()
+            .map(|(name, kernels)| {
+                let mut m = Mem::new();
+                m.bf16(o.zxbcdt, &zx);
+                m.bf16(o.dt_bias, &dt_bias);
+                m.bf16(o.conv_w, &conv_w);
+                m.bf16(o.conv_state, &conv_s);
+                if let Some(cb) = o.conv_bias {
+                    m.bf16(cb, &conv_b);
+                }
+                m.bf16(o.a, &a);
+                m.bf16(o.d, &d);
+                m.f32(o.state, &ssm);
+                m.bf16(o.norm_w, &norm_w);
+                m.out(o.y, b * di * 2);
+                for kernel in &kernels {
+                    m.launch(kernel, at(b, 1));
+                }
+                (
+                    name,
+                    m.read_bf16(o.y, b * di),
+                    m.read_bf16(o.conv_state, conv_s.len()),
+                    m.read_f32(o.state, ssm.len()),
+                )
+            })
+            .collect();
 
         // The unfused graph on the cpu, with its bf16 tensors between ops.
         let col =
@@ -664,13 +689,18 @@ fn mamba2_step_matches_the_unfused_graph() {
         let mut wy = vec![0.0; b * di];
         cpu::gated_rmsnorm(b, di, &ssd_y, &z, &norm_w, 1e-5, c.group as usize, c.norm_before_gate, &mut wy)
             .expect("norm");
-        let ey = check("mamba2_step y", &y, &qv(&wy), 1e-2);
-        check("mamba2_step conv state", &cs, &wcs, 1e-6);
-        let es = check("mamba2_step ssm state", &ss, &wss, 1e-3);
-        println!(
-            "mamba2_step H={h} P={p} G={g} N={n} K={k} group={} B={b} bias={} clamp={:?} nbg={}: y {ey:.2e} ssm state {es:.2e}",
-            c.group, c.conv_bias, c.clamp, c.norm_before_gate
-        );
+        for (name, y, cs, ss) in &results {
+            let ey = check(&format!("mamba2_step ({name}) y"), y, &qv(&wy), 1e-2);
+            check(&format!("mamba2_step ({name}) conv state"), cs, &wcs, 1e-6);
+            let es = check(&format!("mamba2_step ({name}) ssm state"), ss, &wss, 1e-3);
+            println!(
+                "mamba2_step {name}: H={h} P={p} G={g} N={n} K={k} group={} B={b} bias={} clamp={:?} nbg={}: y {ey:.2e} ssm state {es:.2e}",
+                c.group, c.conv_bias, c.clamp, c.norm_before_gate
+            );
+        }
+        if let [one, split] = &results[..] {
+            assert_eq!((&one.1, &one.2, &one.3), (&split.1, &split.2, &split.3), "the two variants agree exactly");
+        }
     }
 }
 
@@ -706,12 +736,18 @@ fn all_kernels() -> Vec<(Generated, bool)> {
     ];
     for (i, dims) in small.iter().chain([&nemo1b, &nemo3b]).enumerate() {
         for chunk in [16u32, 256] {
-            let spec = SsdScanSpec::new(format!("ssd_scan_{i}_q{chunk}"), *dims, chunk);
-            out.push((ssd::ssd_scan(&spec).expect("scan"), false));
+            for stages in [1, 2] {
+                let mut spec = SsdScanSpec::new(format!("ssd_scan_{i}_q{chunk}_s{stages}"), *dims, chunk);
+                spec.stages = Some(stages);
+                out.push((ssd::ssd_scan(&spec).expect("scan"), false));
+            }
         }
         out.push((ssd::ssd_step(&SsdStepSpec::new(format!("ssd_step_{i}"), *dims)).expect("step"), true));
         let spec = Mamba2StepSpec::new(format!("mamba2_step_{i}"), *dims);
         out.push((ssd::mamba2_step(&spec).expect("mamba2_step"), true));
+        for g in ssd::mamba2_step_split(&spec).expect("mamba2_step_split") {
+            out.push((g, true));
+        }
     }
     out
 }

@@ -1,5 +1,5 @@
 //! ssd: Mamba2 (SSD) kernels — the chunked prefill scan, the one-token step, and the fused decode
-//! step of a whole Mamba2 mixer (`mamba2_step`).
+//! step of a whole Mamba2 mixer (`mamba2_step`, as one kernel or as two).
 //!
 //! Per head `h` (B/C group `h / (H/G)`), with `s` the `P × N` f32 state:
 //! `s_t = exp(dt_t·A_h)·s_{t−1} + dt_t · x_t ⊗ B_t`, `y_t = s_t·C_t + D_h·x_t`.
@@ -18,8 +18,9 @@
 //! padded with zero rows to `Qp`, a multiple of 16):
 //!
 //! 1. `cp.async` (16 bytes, zero-filled past the sequence) stages `X [Qp × Pt]`, `B`, `C [Qp × N]`
-//!    (bf16) in shared memory; warp 0 loads `dt` and forms `Acum` (inclusive cumsum of `dt·A`) with a
-//!    warp scan.
+//!    (bf16) in shared memory; warp 0 holds `dt` in registers and forms `Acum` (inclusive cumsum of
+//!    `dt·A`) with a warp scan. With **2 stages** (the default when the kernel fits in 160 KB) the
+//!    next chunk's copies and `dt` loads are issued before this chunk computes.
 //! 2. Shared copies for the tensor cores: `Hb = bf16(H_c)` (the state entering the chunk), `Xw[s] =
 //!    bf16(x_s · exp(Acum_last − Acum_s)·dt_s)`, and in the chunk holding `lens[b]` also `Xl` with the
 //!    weights of the state after `lens[b]`.
@@ -32,32 +33,39 @@
 //! All five matmuls are `mma.sync.m16n8k16` (bf16 in, f32 accumulate) with `ldmatrix` fragment loads
 //! (`.trans` where the operand is stored K-major); shared rows are padded by 16 bytes, so the 8 rows
 //! of every `ldmatrix` matrix fall in distinct banks. Block: 128 threads = 4 warps. The state tiles
-//! (16 × 8) are dealt to the warps round-robin. Shared memory (dynamic):
-//! `2·Qp·(3·(Pt+8) + 2·(N+8)) + 2·Pt·(N+8) + 8·Qp` bytes (78.5 KB at Qp = Pt = 64, N = 128, so the
-//! launch must raise the dynamic shared-memory limit above 48 KB there).
+//! (16 × 8) are dealt to the warps round-robin. Shared memory (dynamic), bytes:
+//! `stages·(2·Qp·(Pt+8) + 4·Qp·(N+8)) + 4·Qp·(Pt+8) + 2·Pt·(N+8) + 8·Qp` — 121.5 KB with 2 stages
+//! at Qp = Pt = 64, N = 128 (the launch must raise the dynamic shared-memory limit above 48 KB).
 //!
-//! Assumptions: `P` and `N` multiples of 16; `Pt` (default the largest multiple of 16 dividing `P`
-//! that is ≤ 64 and ≤ 8192/N) divides `P`; `G` divides `H`; `lens[b] ∈ 0 ..= T` (`lens[b] = 0` leaves
-//! the state as it was). Precision: the tensor-core operands `M`, `Xw`, `Hb` are rounded to bf16 (as
-//! the Triton kernels do); accumulation and the running state stay f32.
+//! Assumptions: `P` and `N` multiples of 16, `N ≤ 512`; `Pt` (default the largest multiple of 16
+//! dividing `P` that is ≤ 64 and ≤ 8192/N) divides `P`; `G` divides `H`; `lens[b] ∈ 0 ..= T`
+//! (`lens[b] = 0` leaves the state as it was). Precision: the tensor-core operands `M`, `Xw`, `Hb`
+//! are rounded to bf16 (as the Triton kernels do); accumulation and the running state stay f32.
 //!
-//! Cost per call (nominal, `Qp = Q`): FLOPs `B·H·⌈T/Q⌉·(P/Pt)·(2Q²N + 2QN·Pt·2) + B·H·⌈T/Q⌉·Q²P`
-//! (CB per P-tile, `C·Hᵀ` and the state update, the causal half of `M·X`); DRAM bytes at least
-//! `4·B·T·H·P` (x, y) `+ 4·B·T·G·N` (B, C) `+ 2·B·T·H` (dt) `+ 8·B·H·P·N` (state in and out).
+//! Cost per call (`Q` the kernel chunk, `Qp = Q`): tensor-core FLOPs
+//! `B·H·⌈T/Q⌉·(P/Pt)·(2·Q²·N·5/8 + 4·Q·N·Pt) + B·H·⌈T/Q⌉·Q²·P·5/8` (at Q = 64 the causal tiles are
+//! 10 of 16: `CB` per P-tile, `C·Hᵀ` and the state update, `M·X`); DRAM bytes at least `4·B·T·H·P`
+//! (x, y) `+ 4·B·T·G·N` (B, C) `+ 2·B·T·H` (dt) `+ 8·B·H·P·N` (state in and out); B and C are read
+//! once per head and P-tile (`H/G·P/Pt` times), mostly from L2.
 //!
 //! Parallelism is `B·H·P/Pt` blocks (64 for Nemotron-Flash-1B at B = 1); the chunk-parallel pipeline
 //! would give `⌈T/Q⌉` times more at the price of the scratch buffers.
 //!
+//! # The decode row core
+//!
+//! The decode kernels stream the f32 state rows: `L = min(32, N/4)` lanes share a row, each lane
+//! owning `N/L` columns as 16-byte vectors (`ld/st.global.v4.f32`), so a warp moves whole contiguous
+//! rows; a thread issues the loads of `U = 4` rows before using them; `s ← exp(dt·A)·s + (dt·x)·B`,
+//! `y = Σ s·C` (butterfly over the `L` lanes) `+ D·x`. The state is read once and written once, and
+//! nothing else touches it, so the state traffic is the minimum (`8·H·P·N` bytes per sequence).
+//!
 //! # [`ssd_step`]: decode, the plain op
 //!
-//! Block `(row slice of Rb rows, head, sequence)`, 128 threads. `x`, `B`, `C` of the block are staged
-//! in shared memory (f32); then the state rows stream through the **row core**: `L = min(32, N/4)`
-//! lanes share a row, each lane owning `N/L` columns as 16-byte vectors (`ld/st.global.v4.f32`), so a
-//! warp moves whole contiguous rows; a thread issues the loads of `U = 4` rows before using them;
-//! `s ← exp(dt·A)·s + (dt·x)·B`, `y = Σ s·C` (butterfly over the `L` lanes) `+ D·x`. The state is read
-//! once and written once. Cost: FLOPs `≈ 5·B·H·P·N`; bytes `8·B·H·P·N + 4·B·H·P + 4·B·G·N + 2·B·H + 4·H`.
+//! Block `(row slice of Rb rows, head, sequence)`, 128 threads (`Rb` = one iteration of the row core
+//! when that divides `P`: 16 rows at N = 128), `x`, `B`, `C` staged in shared memory (f32).
+//! Cost: FLOPs `≈ 5·B·H·P·N`; bytes `8·B·H·P·N + 4·B·H·P + 4·B·G·N + 2·B·H + 4·H`.
 //!
-//! # [`mamba2_step`]: decode, the whole fused mixer step
+//! # [`mamba2_step`]: decode, the whole fused mixer step as one kernel
 //!
 //! One kernel for fuse-decode-mixer's `mamba2_step` node: from the in-proj row `zxbcdt [B, 1, 2·Di +
 //! 2·G·N + H]` (split `[z, xBC, dt]`, `xBC = [x, B, C]`): the conv update + SiLU of the block's
@@ -75,11 +83,23 @@
 //!
 //! Cost per step: FLOPs `≈ 5·B·H·P·N + B·Cv·(2K + 5) + 10·B·Di`; bytes `8·B·H·P·N` (state) `+
 //! 4·B·Cv·(K−1)` (conv state) `+ 2·B·(2Di + 2GN + H)` (in-proj row) `+ 2·B·Di` (y) `+ 2·Cv·(K+1) + 6·H
-//! + 2·Di` (weights), with `Cv = Di + 2GN`, `Di = H·P`.
+//! + 2·Di` (weights), with `Cv = Di + 2GN`, `Di = H·P` — 4.32 MB per sequence for Nemotron-Flash-1B.
 //!
-//! Parallelism is `B · Di/group` blocks: the state of a whole norm group streams through one SM, so
-//! at batch 1 with one norm group (Nemotron-Flash) the step is bound by one SM's bandwidth, not the
-//! HBM's; see the crate's report for the numbers.
+//! Parallelism is `B · Di/group` blocks, so the state of a whole norm group streams through one SM.
+//! With one norm group (Nemotron-Flash) and a small batch that SM's loads in flight (1024 threads ×
+//! 4 rows × 16 B = 64 KB) bound the step: by Little's law about 80 GB/s at ~0.8 µs loaded latency,
+//! ~26 µs for the 1B layer at B = 1 against a 0.90 µs HBM floor (4.8 TB/s), ~3.5 %; the batch reaches
+//! the HBM rate from about B ≈ 60. A reduction across blocks inside one kernel needs a memory fence
+//! kir does not have (and the sim runs blocks one after another), hence:
+//!
+//! # [`mamba2_step_split`]: the same step as two kernels
+//!
+//! A state kernel over `(row slice, head, sequence)` blocks (256 blocks at B = 1 for the 1B layer:
+//! the whole 2 MB state is in flight at once) writes the pre-norm `y` into the output buffer, and a
+//! norm kernel per `(norm group, sequence)` rolls the B/C conv state and normalises `y` in place. No
+//! scratch buffer; the same values as the one-kernel version bit for bit; predicted ~2–4 µs at B = 1
+//! (two launch latencies plus one DRAM round trip). Use it below B ≈ 60, the one-kernel version
+//! above.
 
 use flashc_compiler::gir::{DType, Dim, Sym};
 use flashc_compiler::schedule::BufferId;
@@ -180,6 +200,9 @@ pub struct SsdScanSpec {
     pub chunk: u32,
     /// State rows per block; `None` chooses (see the module docs).
     pub p_tile: Option<u32>,
+    /// Shared-memory stages of X, B, C (1 or 2); `None`: 2 when the kernel then fits in
+    /// [`SCAN_STAGE2_LIMIT`] bytes of shared memory (every sm_80 part), else 1.
+    pub stages: Option<u32>,
     pub batch: Dim,
     pub tokens: Dim,
     pub operands: SsdOperands,
@@ -193,6 +216,7 @@ impl SsdScanSpec {
             dims,
             chunk,
             p_tile: None,
+            stages: None,
             batch: Dim::sym(Sym::B),
             tokens: Dim::sym(Sym::T),
             operands: SsdOperands::numbered(),
@@ -209,9 +233,29 @@ pub struct ScanTiling {
     pub padded: u32,
     /// State rows per block.
     pub p_tile: u32,
+    /// Shared-memory stages of X, B, C: with 2, the next chunk's loads are in flight while the
+    /// current chunk computes.
+    pub stages: u32,
     /// Dynamic shared memory in bytes.
     pub shared_bytes: u32,
 }
+
+impl ScanTiling {
+    /// Bytes of one stage (X, B, C of a chunk).
+    fn stage_bytes(&self, n: u32) -> u32 {
+        2 * self.padded * (self.p_tile + 8) + 4 * self.padded * (n + 8)
+    }
+
+    fn shared_for(padded: u32, p_tile: u32, n: u32, stages: u32) -> u32 {
+        stages * (2 * padded * (p_tile + 8) + 4 * padded * (n + 8))
+            + 4 * padded * (p_tile + 8)
+            + 2 * p_tile * (n + 8)
+            + 8 * padded
+    }
+}
+
+/// The shared memory a 2-stage scan may take (sm_80 allows 163 KB per block).
+pub const SCAN_STAGE2_LIMIT: u32 = 160 * 1024;
 
 /// The scan kernel's tiling (or why the shapes do not fit it).
 pub fn scan_tiling(spec: &SsdScanSpec) -> Result<ScanTiling, CodegenError> {
@@ -235,8 +279,14 @@ pub fn scan_tiling(spec: &SsdScanSpec) -> Result<ScanTiling, CodegenError> {
     }
     let chunk = spec.chunk.min(SCAN_MAX_CHUNK);
     let padded = chunk.next_multiple_of(16);
-    let shared_bytes = 2 * padded * (3 * (p_tile + 8) + 2 * (n + 8)) + 2 * p_tile * (n + 8) + 8 * padded;
-    Ok(ScanTiling { chunk, padded, p_tile, shared_bytes })
+    let stages = match spec.stages {
+        Some(st @ (1 | 2)) => st,
+        Some(st) => return Err(CodegenError::Shape(format!("ssd_scan stages {st} (1 or 2)"))),
+        None if ScanTiling::shared_for(padded, p_tile, n, 2) <= SCAN_STAGE2_LIMIT => 2,
+        None => 1,
+    };
+    let shared_bytes = ScanTiling::shared_for(padded, p_tile, n, stages);
+    Ok(ScanTiling { chunk, padded, p_tile, stages, shared_bytes })
 }
 
 /// The chunked SSD scan (`ssd_scan`).
@@ -246,15 +296,18 @@ pub fn scan_tiling(spec: &SsdScanSpec) -> Result<ScanTiling, CodegenError> {
 pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
     bf16_only(&spec.name, spec.dtype)?;
     let tiling = scan_tiling(spec)?;
-    let ScanTiling { chunk: qk, padded: qp, p_tile: pt, shared_bytes } = tiling;
+    let ScanTiling { chunk: qk, padded: qp, p_tile: pt, stages, shared_bytes } = tiling;
     let SsdDims { heads: hh, head_dim: p, groups: gg, state: n } = spec.dims;
     let hg = spec.dims.heads_per_group();
     let xs = pt + 8; // row stride (elements) of X, Xw, Xl
     let ns = n + 8; // row stride of B, C, Hb
-    let (o_x, o_xw, o_xl) = (0, 2 * qp * xs, 4 * qp * xs);
-    let o_b = 6 * qp * xs;
+    // Stage k: X, B, C at k·stage_bytes; then Xw, Xl, Hb, dt, Acum.
+    let stage_bytes = tiling.stage_bytes(n);
+    let (o_x, o_b) = (0, 2 * qp * xs);
     let o_c = o_b + 2 * qp * ns;
-    let o_h = o_c + 2 * qp * ns;
+    let o_xw = stages * stage_bytes;
+    let o_xl = o_xw + 2 * qp * xs;
+    let o_h = o_xl + 2 * qp * xs;
     let o_dt = o_h + 2 * pt * ns;
     let o_ac = o_dt + 4 * qp;
     debug_assert_eq!(o_ac + 4 * qp, shared_bytes);
@@ -267,7 +320,7 @@ pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
     ));
     b.doc("grid (P-tile, head, sequence), block 128 = 4 warps; state slice in mma accumulators");
     b.doc(format!(
-        "dynamic shared {shared_bytes} B: X, Xw, Xl [{qp}x{xs}], B, C [{qp}x{ns}], Hb [{pt}x{ns}] bf16; dt, Acum f32"
+        "dynamic shared {shared_bytes} B: {stages} stage(s) of X [{qp}x{xs}], B, C [{qp}x{ns}]; Xw, Xl [{qp}x{xs}], Hb [{pt}x{ns}] bf16; dt, Acum f32"
     ));
     b.block_size(SCAN_THREADS, 1, 1);
     let x = b.param_ptr("x");
@@ -394,19 +447,25 @@ pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
     let tq2 = mulu(&mut b, tq.into(), 2u32.into());
     let y_active = lt_u32(&mut b, warp.into(), (qp / 16).into());
 
-    b.for_uniform(Ty::U32, 0u32.into(), nchunks.into(), 1u32.into(), |b, c| {
-        let c0 = mulu(b, c.into(), qk.into());
-        let rest = b.bin(BinOp::Sub, Ty::U32, tokens.into(), c0.into());
-        let len_c = b.bin(BinOp::Min, Ty::U32, rest.into(), qk.into());
-        b.bar();
-        // ---- 1. stage X, B, C with cp.async (zero rows past the chunk).
-        let stage =
+    // The first token and the length of chunk `ci` (0 past the end).
+    let chunk_at = |b: &mut Builder, ci: Reg| -> (Reg, Reg) {
+        let c0 = mulu(b, ci.into(), qk.into());
+        let hi = b.bin(BinOp::Max, Ty::U32, tokens.into(), c0.into());
+        let rest = b.bin(BinOp::Sub, Ty::U32, hi.into(), c0.into());
+        let len = b.bin(BinOp::Min, Ty::U32, rest.into(), qk.into());
+        (c0, len)
+    };
+    // cp.async of X, B, C of chunk `ci` into the stage at byte offset `so` (zero rows past the chunk;
+    // the source row of a zero-filled copy is the chunk's first, which exists).
+    let issue = |b: &mut Builder, ci: Reg, so: Reg| {
+        let (c0, len) = chunk_at(b, ci);
+        let copy =
             |b: &mut Builder, src: Reg, cols: u32, off: u32, stride: u32, rowsel: &dyn Fn(&mut Builder, Reg) -> Reg| {
                 let per_row = cols / 8;
                 b.for_(Ty::U32, tid.into(), (qp * per_row).into(), SCAN_THREADS.into(), |b, i| {
                     let s = divu(b, i.into(), per_row);
                     let cc = remu(b, i.into(), per_row);
-                    let valid = lt_u32(b, s.into(), len_c.into());
+                    let valid = lt_u32(b, s.into(), len.into());
                     let s_src = b.selp(Ty::U32, s.into(), 0u32.into(), valid);
                     let tok = addu(b, c0.into(), s_src.into());
                     let base = rowsel(b, tok);
@@ -416,42 +475,85 @@ pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
                     let c8 = mulu(b, cc.into(), 8u32.into());
                     let sel = madu(b, s.into(), stride.into(), c8.into());
                     let sa = madu(b, sel.into(), 2u32.into(), smem.into());
+                    let sa = addu(b, sa.into(), so.into());
                     let sa = addu(b, sa.into(), off.into());
                     b.cp_async(sa.into(), ga.into(), 16, Some(sbytes.into()));
                 });
             };
         // x row (seq, tok, h): ((seq·T + tok)·H + h)·P + p0.
-        stage(b, x, pt, o_x, xs, &|b, tok| {
+        copy(b, x, pt, o_x, xs, &|b, tok| {
             let r = addu(b, seq_t.into(), tok.into());
             let rh = madu(b, r.into(), hh.into(), h.into());
             madu(b, rh.into(), p.into(), p0.into())
         });
         for (src, off) in [(bm, o_b), (cm, o_c)] {
-            stage(b, src, n, off, ns, &|b, tok| {
+            copy(b, src, n, off, ns, &|b, tok| {
                 let r = addu(b, seq_t.into(), tok.into());
                 let rg = madu(b, r.into(), gg.into(), grp.into());
                 mulu(b, rg.into(), n.into())
             });
         }
+    };
+    // dt of chunk `ci` into `dts` (warp 0; lane l holds rows l and l + 32; 0 past the chunk).
+    let halves = qp.div_ceil(32);
+    let dts: Vec<Reg> = (0..halves).map(|_| b.mov(Ty::F32, 0.0f32.into())).collect();
+    let load_dt = |b: &mut Builder, ci: Reg| {
+        let (c0, len) = chunk_at(b, ci);
+        for (half, &d) in dts.iter().enumerate() {
+            let s = addu(b, lane.into(), (32 * half as u32).into());
+            let valid = lt_u32(b, s.into(), len.into());
+            b.assign(d, 0.0f32.into());
+            b.if_(valid, |b| {
+                let tok = addu(b, c0.into(), s.into());
+                let r = addu(b, seq_t.into(), tok.into());
+                let idx = madu(b, r.into(), hh.into(), h.into());
+                let ga = b.index(dt, idx, 2);
+                let v = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ga.into(), 0);
+                let f = bf16_to_f32(b, v);
+                b.assign(d, f.into());
+            });
+        }
+    };
+    let w0 = b.setp(Cmp::Eq, Ty::U32, warp.into(), 0u32.into());
+    if stages == 2 {
+        // Prologue: chunk 0 in flight.
+        let any = lt_u32(&mut b, 0u32.into(), nchunks.into());
+        b.if_(any, |b| {
+            let zero = b.mov(Ty::U32, 0u32.into());
+            issue(b, zero, zero);
+            b.if_(w0, |b| load_dt(b, zero));
+        });
         b.cp_async_commit();
-        // dt and the inclusive cumsum of dt·A (warp 0; lane l holds rows l and l + 32).
-        let w0 = b.setp(Cmp::Eq, Ty::U32, warp.into(), 0u32.into());
+    }
+
+    b.for_uniform(Ty::U32, 0u32.into(), nchunks.into(), 1u32.into(), |b, c| {
+        let (c0, len_c) = chunk_at(b, c);
+        b.bar();
+        // ---- 1. X, B, C of this chunk in shared memory (with 2 stages: issue the next chunk's first).
+        let so = if stages == 2 {
+            let next = addu(b, c.into(), 1u32.into());
+            let has_next = lt_u32(b, next.into(), nchunks.into());
+            let odd = b.bin(BinOp::And, Ty::U32, next.into(), 1u32.into());
+            let so_next = mulu(b, odd.into(), stage_bytes.into());
+            b.if_(has_next, |b| issue(b, next, so_next));
+            b.cp_async_commit();
+            b.cp_async_wait(1);
+            let cur = b.bin(BinOp::And, Ty::U32, c.into(), 1u32.into());
+            mulu(b, cur.into(), stage_bytes.into())
+        } else {
+            let zero = b.mov(Ty::U32, 0u32.into());
+            issue(b, c, zero);
+            b.cp_async_commit();
+            b.if_(w0, |b| load_dt(b, c));
+            b.cp_async_wait(0);
+            zero
+        };
+        // The inclusive cumsum of dt·A (warp 0), then (2 stages) the next chunk's dt in flight.
         b.if_(w0, |b| {
             let mut carry: Option<Reg> = None;
-            for half in 0..qp.div_ceil(32) {
-                let s = addu(b, lane.into(), (32 * half).into());
-                let valid = lt_u32(b, s.into(), len_c.into());
-                let dts = b.mov(Ty::F32, 0.0f32.into());
-                b.if_(valid, |b| {
-                    let tok = addu(b, c0.into(), s.into());
-                    let r = addu(b, seq_t.into(), tok.into());
-                    let idx = madu(b, r.into(), hh.into(), h.into());
-                    let ga = b.index(dt, idx, 2);
-                    let v = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ga.into(), 0);
-                    let f = bf16_to_f32(b, v);
-                    b.assign(dts, f.into());
-                });
-                let v = b.mul(Ty::F32, dts.into(), a_h.into());
+            for (half, &d) in dts.iter().enumerate() {
+                let s = addu(b, lane.into(), (32 * half as u32).into());
+                let v = b.mul(Ty::F32, d.into(), a_h.into());
                 for off in [1u32, 2, 4, 8, 16] {
                     let o = b.shfl(ShflMode::Up, v, off.into());
                     let has = b.setp(Cmp::Ge, Ty::U32, lane.into(), off.into());
@@ -467,13 +569,21 @@ pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
                 let inside = lt_u32(b, s.into(), qp.into());
                 b.if_(inside, |b| {
                     let sa = madu(b, s.into(), 4u32.into(), smem.into());
-                    b.st(Space::Shared, Ty::F32, sa.into(), i64::from(o_dt), dts.into());
+                    b.st(Space::Shared, Ty::F32, sa.into(), i64::from(o_dt), d.into());
                     b.st(Space::Shared, Ty::F32, sa.into(), i64::from(o_ac), v.into());
                 });
             }
+            if stages == 2 {
+                let next = addu(b, c.into(), 1u32.into());
+                load_dt(b, next);
+            }
         });
-        b.cp_async_wait(0);
         b.bar();
+        // Stage-relative addresses of this chunk's X, B, C.
+        let c_addr = addu(b, c_addr.into(), so.into());
+        let bcb_addr = addu(b, bcb_addr.into(), so.into());
+        let xt_addr = addu(b, xt_addr.into(), so.into());
+        let xsm = addu(b, smem.into(), so.into());
 
         // ---- 2. Hb, Xw (and Xl in the chunk holding lens).
         let lens_here = {
@@ -507,8 +617,9 @@ pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
                 let wgt = b.selp(Ty::F32, wgt.into(), 0.0f32.into(), inside);
                 let pc2 = mulu(b, pc.into(), 2u32.into());
                 let el = madu(b, s.into(), xs.into(), pc2.into());
+                let xa = madu(b, el.into(), 2u32.into(), xsm.into());
+                let word = b.ld(Space::Shared, Ty::B32, Cache::None, xa.into(), i64::from(o_x));
                 let sa = madu(b, el.into(), 2u32.into(), smem.into());
-                let word = b.ld(Space::Shared, Ty::B32, Cache::None, sa.into(), i64::from(o_x));
                 let (x0, x1) = unpack_bf16x2(b, word);
                 let y0 = b.mul(Ty::F32, x0.into(), wgt.into());
                 let y1 = b.mul(Ty::F32, x1.into(), wgt.into());
@@ -628,7 +739,7 @@ pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
                 for (pt8, acc) in yacc.iter().enumerate() {
                     let col = addu(b, tq2.into(), (8 * pt8 as u32).into());
                     let xel = addu(b, xrow.into(), col.into());
-                    let xa = madu(b, xel.into(), 2u32.into(), smem.into());
+                    let xa = madu(b, xel.into(), 2u32.into(), xsm.into());
                     let word = b.ld(Space::Shared, Ty::B32, Cache::None, xa.into(), i64::from(o_x));
                     let (x0, x1) = unpack_bf16x2(b, word);
                     let y0 = b.mad(Ty::F32, d_h.into(), x0.into(), acc[2 * row].into());
@@ -651,6 +762,7 @@ pub fn ssd_scan(spec: &SsdScanSpec) -> Result<Generated, CodegenError> {
                 let aa = addu(b, aa.into(), src_off.into());
                 let af = b.ldmatrix(4, true, aa.into());
                 let ba = addu(b, t.b_addr.into(), (kk * 16 * ns * 2).into());
+                let ba = addu(b, ba.into(), so.into());
                 let bf = b.ldmatrix(2, true, ba.into());
                 b.inst(Inst::Mma { d: acc, a: [af[0], af[1], af[2], af[3]], b: [bf[0], bf[1]], c: acc });
             }
@@ -1132,7 +1244,249 @@ pub fn mamba2_tiling(spec: &Mamba2StepSpec) -> Result<Mamba2Tiling, CodegenError
     Ok(Mamba2Tiling { heads, groups, blocks: di / grp, shared_bytes })
 }
 
-/// The fused Mamba2 decode step (`mamba2_step`).
+/// The kernel parameters of a `mamba2_step` (declared in the documented order).
+struct M2Params {
+    zx: Reg,
+    dt_bias: Reg,
+    conv_w: Reg,
+    conv_state: Reg,
+    conv_bias: Option<Reg>,
+    a: Reg,
+    d: Reg,
+    state: Reg,
+    norm_w: Reg,
+    y: Reg,
+}
+
+fn m2_params(b: &mut Builder, spec: &Mamba2StepSpec) -> M2Params {
+    M2Params {
+        zx: b.param_ptr("zxbcdt"),
+        dt_bias: b.param_ptr("dt_bias"),
+        conv_w: b.param_ptr("conv_w"),
+        conv_state: b.param_ptr("conv_state"),
+        conv_bias: spec.operands.conv_bias.map(|_| b.param_ptr("conv_bias")),
+        a: b.param_ptr("a"),
+        d: b.param_ptr("d"),
+        state: b.param_ptr("state"),
+        norm_w: b.param_ptr("norm_w"),
+        y: b.param_ptr("y"),
+    }
+}
+
+fn m2_args(spec: &Mamba2StepSpec) -> Vec<ArgRule> {
+    let o = &spec.operands;
+    let mut args = vec![
+        ArgRule::Buffer(o.zxbcdt),
+        ArgRule::Buffer(o.dt_bias),
+        ArgRule::Buffer(o.conv_w),
+        ArgRule::Buffer(o.conv_state),
+    ];
+    if let Some(cb) = o.conv_bias {
+        args.push(ArgRule::Buffer(cb));
+    }
+    args.extend([
+        ArgRule::Buffer(o.a),
+        ArgRule::Buffer(o.d),
+        ArgRule::Buffer(o.state),
+        ArgRule::Buffer(o.norm_w),
+        ArgRule::Buffer(o.y),
+    ]);
+    args
+}
+
+/// Sizes a `mamba2_step` kernel derives from its spec.
+struct M2Sizes {
+    hh: u32,
+    p: u32,
+    n: u32,
+    hg: u32,
+    di: u32,
+    gn: u32,
+    conv_dim: u32,
+    /// In-proj row width.
+    zw: u32,
+    k: u32,
+}
+
+impl M2Sizes {
+    fn of(spec: &Mamba2StepSpec) -> M2Sizes {
+        let SsdDims { heads: hh, head_dim: p, groups: gg, state: n } = spec.dims;
+        let di = hh * p;
+        let gn = gg * n;
+        M2Sizes {
+            hh,
+            p,
+            n,
+            hg: spec.dims.heads_per_group(),
+            di,
+            gn,
+            conv_dim: di + 2 * gn,
+            zw: 2 * di + 2 * gn + hh,
+            k: spec.conv_width,
+        }
+    }
+}
+
+/// The conv update + SiLU of conv channel `ch` of one sequence (in-proj row at element `zrow`, conv
+/// state rows from `crow`): the bf16-rounded activation as f32. With `roll`, the channel's conv state
+/// is rolled in place (its old inputs are read before).
+fn m2_conv(b: &mut Builder, pr: &M2Params, sz: &M2Sizes, ch: Reg, zrow: Reg, crow: Reg, roll: bool) -> Reg {
+    let (k, km1) = (sz.k, sz.k - 1);
+    let row = addu(b, crow.into(), ch.into());
+    let sidx = mulu(b, row.into(), km1.into());
+    let sa = b.index(pr.conv_state, sidx, 2);
+    let old: Vec<Reg> =
+        (0..km1).map(|j| b.ld(Space::Global, Ty::B16, Cache::None, sa.into(), i64::from(j) * 2)).collect();
+    let xin_el = addu(b, zrow.into(), ch.into());
+    let xa = b.index(pr.zx, xin_el, 2);
+    let xin = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, xa.into(), i64::from(sz.di) * 2);
+    let widx = mulu(b, ch.into(), k.into());
+    let wa = b.index(pr.conv_w, widx, 2);
+    let taps: Vec<Reg> = (0..k)
+        .map(|j| {
+            let h = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, wa.into(), i64::from(j) * 2);
+            bf16_to_f32(b, h)
+        })
+        .collect();
+    let bias = pr.conv_bias.map(|cb| {
+        let ba = b.index(cb, ch, 2);
+        let h = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ba.into(), 0);
+        bf16_to_f32(b, h)
+    });
+    let mut e: Vec<Reg> = old.iter().map(|&h| bf16_to_f32(b, h)).collect();
+    e.push(bf16_to_f32(b, xin));
+    let v = conv_tap(b, bias, &taps, &e, true);
+    let v = round_bf16(b, v);
+    if roll {
+        m2_roll(b, sa, &old, xin);
+    }
+    v
+}
+
+/// Writes the rolled conv state `[old[1..], xin]` at `sa`.
+fn m2_roll(b: &mut Builder, sa: Reg, old: &[Reg], xin: Reg) {
+    for j in 0..old.len() {
+        let src = if j + 1 < old.len() { old[j + 1] } else { xin };
+        b.st(Space::Global, Ty::B16, sa.into(), j as i64 * 2, src.into());
+    }
+}
+
+/// `dt = clamp(softplus(dt_raw + dt_bias))` of head `hglob` (each step rounded to bf16 as the graph
+/// stores it), the decay `exp(dt·A)` and `D`: `(dt, decay, D)`.
+fn m2_dt(
+    b: &mut Builder,
+    pr: &M2Params,
+    sz: &M2Sizes,
+    spec: &Mamba2StepSpec,
+    hglob: Reg,
+    zrow: Reg,
+) -> (Reg, Reg, Reg) {
+    let el = addu(b, zrow.into(), hglob.into());
+    let ra = b.index(pr.zx, el, 2);
+    let raw = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ra.into(), i64::from(sz.di + sz.conv_dim) * 2);
+    let raw = bf16_to_f32(b, raw);
+    let ba = b.index(pr.dt_bias, hglob, 2);
+    let bias = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ba.into(), 0);
+    let bias = bf16_to_f32(b, bias);
+    let v = b.add(Ty::F32, raw.into(), bias.into());
+    let v = round_bf16(b, v);
+    let v = softplus(b, v);
+    let mut v = round_bf16(b, v);
+    if let Some(lo) = spec.dt_min {
+        v = b.bin(BinOp::Max, Ty::F32, v.into(), lo.into());
+    }
+    if let Some(hi) = spec.dt_max {
+        v = b.bin(BinOp::Min, Ty::F32, v.into(), hi.into());
+    }
+    if spec.dt_min.is_some() || spec.dt_max.is_some() {
+        v = round_bf16(b, v);
+    }
+    let aa = b.index(pr.a, hglob, 2);
+    let av = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, aa.into(), 0);
+    let av = bf16_to_f32(b, av);
+    let da = b.index(pr.d, hglob, 2);
+    let dv = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, da.into(), 0);
+    let dv = bf16_to_f32(b, dv);
+    let prod = b.mul(Ty::F32, v.into(), av.into());
+    let decay = exp(b, prod.into());
+    (v, decay, dv)
+}
+
+/// The gated RMSNorm of `count` channels (`c0` the first, global channel index) of one sequence, by
+/// the whole block: `y_at(c)` gives the pre-norm `y` of local channel `c`; the result goes to
+/// `pr.y[ybase + c]`. A block-wide sum of squares (warp butterflies, then the warp sums in order
+/// through `red`, one f32 per warp).
+#[allow(clippy::too_many_arguments)]
+fn m2_norm(
+    b: &mut Builder,
+    pr: &M2Params,
+    spec: &Mamba2StepSpec,
+    nt: u32,
+    count: u32,
+    c0: Reg,
+    zrow: Reg,
+    ybase: Reg,
+    red: Operand,
+    y_at: &dyn Fn(&mut Builder, Reg) -> Reg,
+) {
+    let tid = b.special(Special::TidX);
+    let lane = b.special(Special::LaneId);
+    let warp = b.special(Special::WarpInBlock);
+    let zbase = addu(b, zrow.into(), c0.into());
+    let gated = |b: &mut Builder, c: Reg| -> (Reg, Reg) {
+        let yv = y_at(b, c);
+        let el = addu(b, zbase.into(), c.into());
+        let za = b.index(pr.zx, el, 2);
+        let zh = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, za.into(), 0);
+        let zv = bf16_to_f32(b, zh);
+        let sz = silu(b, zv);
+        (yv, sz)
+    };
+    let ss = b.mov(Ty::F32, 0.0f32.into());
+    b.for_(Ty::U32, tid.into(), count.into(), nt.into(), |b, c| {
+        let (yv, sz) = gated(b, c);
+        let g = if spec.norm_before_gate { yv } else { b.mul(Ty::F32, yv.into(), sz.into()) };
+        b.mad_into(ss, g.into(), g.into());
+    });
+    let total = b.warp_reduce(BinOp::Add, Ty::F32, ss);
+    let lane0 = b.setp(Cmp::Eq, Ty::U32, lane.into(), 0u32.into());
+    b.if_(lane0, |b| {
+        let a = b.index_shared(red, warp.into(), 4);
+        b.st(Space::Shared, Ty::F32, a.into(), 0, total.into());
+    });
+    b.bar();
+    let red_base = b.shared_addr(red);
+    let sum = b.ld(Space::Shared, Ty::F32, Cache::None, red_base.into(), 0);
+    for w in 1..nt / 32 {
+        let v = b.ld(Space::Shared, Ty::F32, Cache::None, red_base.into(), i64::from(w) * 4);
+        b.bin_into(BinOp::Add, sum, v.into());
+    }
+    let ms = b.mul(Ty::F32, sum.into(), (1.0 / spec.norm_group as f32).into());
+    let mse = b.add(Ty::F32, ms.into(), spec.norm_eps.into());
+    let rstd = b.un(UnOp::RsqrtApprox, Ty::F32, mse.into());
+    b.for_(Ty::U32, tid.into(), count.into(), nt.into(), |b, c| {
+        let (yv, sz) = gated(b, c);
+        let wel = addu(b, c0.into(), c.into());
+        let wa = b.index(pr.norm_w, wel, 2);
+        let wh = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, wa.into(), 0);
+        let wv = bf16_to_f32(b, wh);
+        let o = if spec.norm_before_gate {
+            let t = b.mul(Ty::F32, yv.into(), rstd.into());
+            let t = b.mul(Ty::F32, t.into(), wv.into());
+            b.mul(Ty::F32, t.into(), sz.into())
+        } else {
+            let g = b.mul(Ty::F32, yv.into(), sz.into());
+            let t = b.mul(Ty::F32, g.into(), rstd.into());
+            b.mul(Ty::F32, t.into(), wv.into())
+        };
+        let oh = to_bf16(b, o);
+        let el = addu(b, ybase.into(), c.into());
+        let ya = b.index(pr.y, el, 2);
+        b.st(Space::Global, Ty::B16, ya.into(), 0, oh.into());
+    });
+}
+
+/// The fused Mamba2 decode step (`mamba2_step`), one kernel.
 ///
 /// Parameters, in order: `zxbcdt, dt_bias, conv_w, conv_state, [conv_bias], A, D, state, norm_w, y`.
 /// Grid `(Di/group, B)`, block 1024, static shared memory [`Mamba2Tiling::shared_bytes`].
@@ -1140,36 +1494,21 @@ pub fn mamba2_step(spec: &Mamba2StepSpec) -> Result<Generated, CodegenError> {
     bf16_only(&spec.name, spec.dtype)?;
     let tiling = mamba2_tiling(spec)?;
     let Mamba2Tiling { heads: hb, groups: gb, blocks, .. } = tiling;
-    let SsdDims { heads: hh, head_dim: p, groups: gg, state: n } = spec.dims;
-    let hg = spec.dims.heads_per_group();
+    let sz = M2Sizes::of(spec);
+    let M2Sizes { hh, p, n, hg, di, gn, conv_dim, zw, k } = sz;
     let core = RowCore::new(n, MAMBA2_THREADS)?;
-    let di = hh * p;
-    let gn = gg * n;
-    let conv_dim = di + 2 * gn;
-    let zw = 2 * di + 2 * gn + hh; // in-proj row width
     let xp = hb * p; // channels (and state rows) per block
     let gbn = gb * n;
-    let k = spec.conv_width;
-    let km1 = k - 1;
     let nt = MAMBA2_THREADS;
 
     let mut b = Builder::new(spec.name.clone());
     b.doc(format!(
-        "fused Mamba2 decode step: H={hh} P={p} G={gg} N={n} K={k}; one block per (sequence, norm group of {} channels = {hb} heads)",
-        spec.norm_group
+        "fused Mamba2 decode step: H={hh} P={p} G={} N={n} K={k}; one block per (sequence, norm group of {} channels = {hb} heads)",
+        spec.dims.groups, spec.norm_group
     ));
     b.doc("phase 1: conv update + SiLU of the block's x/B/C channels, dt softplus; phase 2: state rows (row core); phase 3: gated RMSNorm");
     b.block_size(nt, 1, 1);
-    let zx = b.param_ptr("zxbcdt");
-    let dt_bias = b.param_ptr("dt_bias");
-    let conv_w = b.param_ptr("conv_w");
-    let conv_state = b.param_ptr("conv_state");
-    let conv_bias = spec.operands.conv_bias.map(|_| b.param_ptr("conv_bias"));
-    let a = b.param_ptr("a");
-    let d = b.param_ptr("d");
-    let state = b.param_ptr("state");
-    let norm_w = b.param_ptr("norm_w");
-    let y = b.param_ptr("y");
+    let pr = m2_params(&mut b, spec);
     let xs = b.shared("xs", 2 * xp.next_multiple_of(8), 16);
     let ys = b.shared("ys", 2 * xp.next_multiple_of(8), 16);
     let bcs = b.shared("bc", 8 * gbn, 16);
@@ -1190,47 +1529,19 @@ pub fn mamba2_step(spec: &Mamba2StepSpec) -> Result<Generated, CodegenError> {
     let zrow = mulu(&mut b, seq.into(), zw.into());
     let crow = mulu(&mut b, seq.into(), conv_dim.into());
 
-    // ---- phase 1: conv update + SiLU of the block's x, B and C channels.
+    // ---- phase 1: conv update + SiLU of the block's x, B and C channels; dt of its heads.
     b.comment("phase 1: conv update + SiLU (x, B, C channels of the block), dt");
     b.for_(Ty::U32, tid.into(), (xp + 2 * gbn).into(), nt.into(), |b, i| {
         let is_x = lt_u32(b, i.into(), xp.into());
         let is_b = lt_u32(b, i.into(), (xp + gbn).into());
         let chx = addu(b, h0p.into(), i.into());
         let ib = b.bin(BinOp::Sub, Ty::U32, i.into(), xp.into());
-        let chb = addu(b, ib.into(), (di).into());
+        let chb = addu(b, ib.into(), di.into());
         let chb = addu(b, chb.into(), g0n.into());
         let chc = addu(b, chb.into(), (gn - gbn).into());
         let ch_bc = b.selp(Ty::U32, chb.into(), chc.into(), is_b);
         let ch = b.selp(Ty::U32, chx.into(), ch_bc.into(), is_x);
-        let row = addu(b, crow.into(), ch.into());
-        let sidx = mulu(b, row.into(), km1.into());
-        let sa = b.index(conv_state, sidx, 2);
-        let old: Vec<Reg> =
-            (0..km1).map(|j| b.ld(Space::Global, Ty::B16, Cache::None, sa.into(), i64::from(j) * 2)).collect();
-        let xin_el = addu(b, zrow.into(), ch.into());
-        let xa = b.index(zx, xin_el, 2);
-        let xin = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, xa.into(), i64::from(di) * 2);
-        let widx = mulu(b, ch.into(), k.into());
-        let wa = b.index(conv_w, widx, 2);
-        let taps: Vec<Reg> = (0..k)
-            .map(|j| {
-                let h = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, wa.into(), i64::from(j) * 2);
-                bf16_to_f32(b, h)
-            })
-            .collect();
-        let bias = conv_bias.map(|cb| {
-            let ba = b.index(cb, ch, 2);
-            let h = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ba.into(), 0);
-            bf16_to_f32(b, h)
-        });
-        let mut e: Vec<Reg> = old.iter().map(|&h| bf16_to_f32(b, h)).collect();
-        e.push(bf16_to_f32(b, xin));
-        let v = conv_tap(b, bias, &taps, &e, true);
-        let v = round_bf16(b, v);
-        for j in 0..km1 {
-            let src = if j + 1 < km1 { old[(j + 1) as usize] } else { xin };
-            b.st(Space::Global, Ty::B16, sa.into(), i64::from(j) * 2, src.into());
-        }
+        let v = m2_conv(b, &pr, &sz, ch, zrow, crow, true);
         b.if_else(
             is_x,
             |b| {
@@ -1244,40 +1555,12 @@ pub fn mamba2_step(spec: &Mamba2StepSpec) -> Result<Generated, CodegenError> {
             },
         );
     });
-    // dt = clamp(softplus(dt + dt_bias)), the decay exp(dt·A) and D of each head of the block.
     let has_head = lt_u32(&mut b, tid.into(), hb.into());
     b.if_(has_head, |b| {
         let hglob = addu(b, h0.into(), tid.into());
-        let el = addu(b, zrow.into(), hglob.into());
-        let ra = b.index(zx, el, 2);
-        let raw = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ra.into(), i64::from(di + conv_dim) * 2);
-        let raw = bf16_to_f32(b, raw);
-        let ba = b.index(dt_bias, hglob, 2);
-        let bias = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, ba.into(), 0);
-        let bias = bf16_to_f32(b, bias);
-        let v = b.add(Ty::F32, raw.into(), bias.into());
-        let v = round_bf16(b, v);
-        let v = softplus(b, v);
-        let mut v = round_bf16(b, v);
-        if let Some(lo) = spec.dt_min {
-            v = b.bin(BinOp::Max, Ty::F32, v.into(), lo.into());
-        }
-        if let Some(hi) = spec.dt_max {
-            v = b.bin(BinOp::Min, Ty::F32, v.into(), hi.into());
-        }
-        if spec.dt_min.is_some() || spec.dt_max.is_some() {
-            v = round_bf16(b, v);
-        }
-        let aa = b.index(a, hglob, 2);
-        let av = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, aa.into(), 0);
-        let av = bf16_to_f32(b, av);
-        let da = b.index(d, hglob, 2);
-        let dv = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, da.into(), 0);
-        let dv = bf16_to_f32(b, dv);
-        let prod = b.mul(Ty::F32, v.into(), av.into());
-        let decay = exp(b, prod.into());
+        let (dtv, decay, dv) = m2_dt(b, &pr, &sz, spec, hglob, zrow);
         let sa = b.index_shared(hds, tid.into(), 4);
-        b.st(Space::Shared, Ty::F32, sa.into(), 0, v.into());
+        b.st(Space::Shared, Ty::F32, sa.into(), 0, dtv.into());
         b.st(Space::Shared, Ty::F32, sa.into(), i64::from(4 * hb), decay.into());
         b.st(Space::Shared, Ty::F32, sa.into(), i64::from(8 * hb), dv.into());
     });
@@ -1291,7 +1574,7 @@ pub fn mamba2_step(spec: &Mamba2StepSpec) -> Result<Generated, CodegenError> {
         let r = mulu(&mut b, bh.into(), p.into());
         mulu(&mut b, r.into(), n.into())
     };
-    let base = b.index(state, srow, 4);
+    let base = b.index(pr.state, srow, 4);
     stream_rows(
         &mut b,
         &core,
@@ -1324,87 +1607,209 @@ pub fn mamba2_step(spec: &Mamba2StepSpec) -> Result<Generated, CodegenError> {
 
     // ---- phase 3: gated RMSNorm over the block's channels.
     b.comment("phase 3: gated RMSNorm (block-wide sum of squares)");
-    let zbase = addu(&mut b, zrow.into(), h0p.into());
-    let gated = |b: &mut Builder, c: Reg| -> (Reg, Reg) {
+    let ybase = madu(&mut b, seq.into(), di.into(), h0p.into());
+    m2_norm(&mut b, &pr, spec, nt, xp, h0p, zrow, ybase, red, &|b, c| {
         let a = b.index_shared(ys, c.into(), 2);
         let yh = b.ld(Space::Shared, Ty::B16, Cache::None, a.into(), 0);
-        let yv = bf16_to_f32(b, yh);
-        let el = addu(b, zbase.into(), c.into());
-        let za = b.index(zx, el, 2);
-        let zh = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, za.into(), 0);
-        let zv = bf16_to_f32(b, zh);
-        let sz = silu(b, zv);
-        (yv, sz)
-    };
-    let ss = b.mov(Ty::F32, 0.0f32.into());
-    b.for_(Ty::U32, tid.into(), xp.into(), nt.into(), |b, c| {
-        let (yv, sz) = gated(b, c);
-        let g = if spec.norm_before_gate { yv } else { b.mul(Ty::F32, yv.into(), sz.into()) };
-        b.mad_into(ss, g.into(), g.into());
-    });
-    let total = b.warp_reduce(BinOp::Add, Ty::F32, ss);
-    let lane0 = b.setp(Cmp::Eq, Ty::U32, lane.into(), 0u32.into());
-    b.if_(lane0, |b| {
-        let a = b.index_shared(red, warp.into(), 4);
-        b.st(Space::Shared, Ty::F32, a.into(), 0, total.into());
-    });
-    b.bar();
-    let red_base = b.shared_addr(red);
-    let sum = b.ld(Space::Shared, Ty::F32, Cache::None, red_base.into(), 0);
-    for w in 1..nt / 32 {
-        let v = b.ld(Space::Shared, Ty::F32, Cache::None, red_base.into(), i64::from(w) * 4);
-        b.bin_into(BinOp::Add, sum, v.into());
-    }
-    let ms = b.mul(Ty::F32, sum.into(), (1.0 / spec.norm_group as f32).into());
-    let mse = b.add(Ty::F32, ms.into(), spec.norm_eps.into());
-    let rstd = b.un(UnOp::RsqrtApprox, Ty::F32, mse.into());
-    let ybase = mulu(&mut b, seq.into(), di.into());
-    let ybase = addu(&mut b, ybase.into(), h0p.into());
-    b.for_(Ty::U32, tid.into(), xp.into(), nt.into(), |b, c| {
-        let (yv, sz) = gated(b, c);
-        let wel = addu(b, h0p.into(), c.into());
-        let wa = b.index(norm_w, wel, 2);
-        let wh = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, wa.into(), 0);
-        let wv = bf16_to_f32(b, wh);
-        let o = if spec.norm_before_gate {
-            let t = b.mul(Ty::F32, yv.into(), rstd.into());
-            let t = b.mul(Ty::F32, t.into(), wv.into());
-            b.mul(Ty::F32, t.into(), sz.into())
-        } else {
-            let g = b.mul(Ty::F32, yv.into(), sz.into());
-            let t = b.mul(Ty::F32, g.into(), rstd.into());
-            b.mul(Ty::F32, t.into(), wv.into())
-        };
-        let oh = to_bf16(b, o);
-        let el = addu(b, ybase.into(), c.into());
-        let ya = b.index(y, el, 2);
-        b.st(Space::Global, Ty::B16, ya.into(), 0, oh.into());
+        bf16_to_f32(b, yh)
     });
 
-    let o = &spec.operands;
-    let mut args = vec![
-        ArgRule::Buffer(o.zxbcdt),
-        ArgRule::Buffer(o.dt_bias),
-        ArgRule::Buffer(o.conv_w),
-        ArgRule::Buffer(o.conv_state),
-    ];
-    if let Some(cb) = o.conv_bias {
-        args.push(ArgRule::Buffer(cb));
-    }
-    args.extend([
-        ArgRule::Buffer(o.a),
-        ArgRule::Buffer(o.d),
-        ArgRule::Buffer(o.state),
-        ArgRule::Buffer(o.norm_w),
-        ArgRule::Buffer(o.y),
-    ]);
     Ok(Generated {
         kernel: b.finish(),
         launch: LaunchRule {
             grid: [Dim::constant(i64::from(blocks)), spec.batch.clone(), Dim::constant(1)],
             block: [nt, 1, 1],
             dynamic_shared: 0,
-            args,
+            args: m2_args(spec),
         },
     })
+}
+
+// ===================================================================================================
+// Decode: the Mamba2 step as two kernels (full parallelism at small batch).
+
+/// Threads of the norm kernel of the split `mamba2_step`.
+pub const MAMBA2_NORM_THREADS: u32 = 1024;
+
+/// The `mamba2_step` body as **two** kernels, for small batches, where one block per norm group leaves
+/// the state of a whole group to one SM. Both take the one-kernel version's parameters, in the same
+/// order, and run in order on one stream:
+///
+/// 1. `<name>_state`, grid `(P/Rb, H, B)` (`Rb` = [`step_rows_per_block`]), block 128: the conv
+///    update + SiLU of the block's `Rb` x channels (their conv state rolled in place), of the `2N`
+///    B/C channels of its group (computed from the old conv state, which it does not write: other
+///    blocks read it), `dt` of its head, then the row core over its `Rb` state rows; the **pre-norm
+///    `y`** (bf16, as `ssd_step` stores it) goes to the output buffer `y`.
+/// 2. `<name>_norm`, grid `(Di/group, B)`, block 1024: rolls the B/C conv state (channels dealt to
+///    the norm blocks round-robin), then the gated RMSNorm of its group, reading `y` and overwriting
+///    it in place (each element read and written by one thread).
+///
+/// No scratch buffer; the extra traffic over the one-kernel version is `y` written and read once more
+/// (`4·B·Di` bytes) and the B/C conv inputs re-read by every block of the first kernel (from L2).
+/// The norm group only has to divide `Di`. Values equal the one-kernel version's.
+pub fn mamba2_step_split(spec: &Mamba2StepSpec) -> Result<[Generated; 2], CodegenError> {
+    bf16_only(&spec.name, spec.dtype)?;
+    spec.dims.check()?;
+    let sz = M2Sizes::of(spec);
+    let M2Sizes { hh, p, n, hg, di, gn, conv_dim, zw, k } = sz;
+    if !(2..=super::conv::MAX_WIDTH).contains(&k) {
+        return Err(CodegenError::Shape(format!("mamba2_step conv width {k}")));
+    }
+    let grp = spec.norm_group;
+    if grp == 0 || !di.is_multiple_of(grp) {
+        return Err(CodegenError::Shape(format!("mamba2_step: the norm group {grp} must divide Di = {di}")));
+    }
+    let core = RowCore::new(n, STEP_THREADS)?;
+    let rb = step_rows_per_block(&spec.dims)?;
+    let nt = STEP_THREADS;
+
+    // ---- kernel 1: conv, dt, state rows, pre-norm y.
+    let mut b = Builder::new(format!("{}_state", spec.name));
+    b.doc(format!(
+        "Mamba2 decode step, part 1 of 2: H={hh} P={p} G={} N={n} K={k}; {rb} state rows per block; pre-norm y",
+        spec.dims.groups
+    ));
+    b.doc(
+        "grid (row slice, head, sequence), block 128: conv + SiLU of the block's x and its group's B/C, dt, row core",
+    );
+    b.block_size(nt, 1, 1);
+    let pr = m2_params(&mut b, spec);
+    let xs = b.shared("xs", 4 * rb, 16);
+    let bcs = b.shared("bc", 8 * n, 16);
+    let hds = b.shared("head", 16, 16);
+    let tid = b.special(Special::TidX);
+    let lane = b.special(Special::LaneId);
+    let warp = b.special(Special::WarpInBlock);
+    let slice = b.special(Special::CtaidX);
+    let h = b.special(Special::CtaidY);
+    let seq = b.special(Special::CtaidZ);
+    let r0 = mulu(&mut b, slice.into(), rb.into());
+    let hp = mulu(&mut b, h.into(), p.into());
+    let ch0 = addu(&mut b, hp.into(), r0.into());
+    let grp_n = {
+        let g = divu(&mut b, h.into(), hg);
+        mulu(&mut b, g.into(), n.into())
+    };
+    let zrow = mulu(&mut b, seq.into(), zw.into());
+    let crow = mulu(&mut b, seq.into(), conv_dim.into());
+    b.for_(Ty::U32, tid.into(), (rb + 2 * n).into(), nt.into(), |b, i| {
+        let is_x = lt_u32(b, i.into(), rb.into());
+        let is_b = lt_u32(b, i.into(), (rb + n).into());
+        let chx = addu(b, ch0.into(), i.into());
+        let ib = b.bin(BinOp::Sub, Ty::U32, i.into(), rb.into());
+        let chb = addu(b, ib.into(), di.into());
+        let chb = addu(b, chb.into(), grp_n.into());
+        let chc = addu(b, chb.into(), (gn - n).into());
+        let ch_bc = b.selp(Ty::U32, chb.into(), chc.into(), is_b);
+        b.if_else(
+            is_x,
+            |b| {
+                let v = m2_conv(b, &pr, &sz, chx, zrow, crow, true);
+                let a = b.index_shared(xs, i.into(), 4);
+                b.st(Space::Shared, Ty::F32, a.into(), 0, v.into());
+            },
+            |b| {
+                let v = m2_conv(b, &pr, &sz, ch_bc, zrow, crow, false);
+                let a = b.index_shared(bcs, ib.into(), 4);
+                b.st(Space::Shared, Ty::F32, a.into(), 0, v.into());
+            },
+        );
+    });
+    let t0 = b.setp(Cmp::Eq, Ty::U32, tid.into(), 0u32.into());
+    b.if_(t0, |b| {
+        let (dtv, decay, dv) = m2_dt(b, &pr, &sz, spec, h, zrow);
+        let sa = b.shared_addr(hds);
+        b.st_vec(Space::Shared, Ty::F32, sa.into(), 0, vec![dtv.into(), decay.into(), dv.into(), dv.into()]);
+    });
+    b.bar();
+    let hsa = b.shared_addr(hds);
+    let hv = b.ld_vec(Space::Shared, Ty::F32, Cache::None, hsa.into(), 0, 4);
+    let (dtv, decay, dv) = (hv[0], hv[1], hv[2]);
+    let bc_base = b.shared_addr(bcs);
+    let bh = madu(&mut b, seq.into(), hh.into(), h.into());
+    let xrow = madu(&mut b, bh.into(), p.into(), r0.into());
+    let srow = mulu(&mut b, xrow.into(), n.into());
+    let base = b.index(pr.state, srow, 4);
+    stream_rows(
+        &mut b,
+        &core,
+        rb,
+        base,
+        4 * n,
+        lane,
+        warp,
+        &|b, r| {
+            let xv = ld_shared_f32(b, xs, r, 0);
+            let coef = b.mul(Ty::F32, dtv.into(), xv.into());
+            RowIn { decay, coef, x: xv, dskip: dv, bc: bc_base }
+        },
+        &|b, r, dot, ri| {
+            let yv = b.mad(Ty::F32, ri.dskip.into(), ri.x.into(), dot.into());
+            let yh = to_bf16(b, yv);
+            let el = addu(b, xrow.into(), r.into());
+            let ya = b.index(pr.y, el, 2);
+            b.st(Space::Global, Ty::B16, ya.into(), 0, yh.into());
+        },
+    );
+    let state_kernel = Generated {
+        kernel: b.finish(),
+        launch: LaunchRule {
+            grid: [Dim::constant(i64::from(p / rb)), Dim::constant(i64::from(hh)), spec.batch.clone()],
+            block: [nt, 1, 1],
+            dynamic_shared: 0,
+            args: m2_args(spec),
+        },
+    };
+
+    // ---- kernel 2: B/C conv state roll, gated RMSNorm in place.
+    let nt = MAMBA2_NORM_THREADS;
+    let blocks = di / grp;
+    let mut b = Builder::new(format!("{}_norm", spec.name));
+    b.doc(format!(
+        "Mamba2 decode step, part 2 of 2: roll of the B/C conv state, gated RMSNorm of y in place ({grp}-channel groups)"
+    ));
+    b.doc("grid (norm group, sequence), block 1024");
+    b.block_size(nt, 1, 1);
+    let pr = m2_params(&mut b, spec);
+    let red = b.shared("red", 4 * (nt / 32), 16);
+    let tid = b.special(Special::TidX);
+    let blk = b.special(Special::CtaidX);
+    let seq = b.special(Special::CtaidY);
+    let zrow = mulu(&mut b, seq.into(), zw.into());
+    let crow = mulu(&mut b, seq.into(), conv_dim.into());
+    // B/C channel i (of 2GN) belongs to norm block i mod blocks.
+    let first = madu(&mut b, tid.into(), blocks.into(), blk.into());
+    b.for_(Ty::U32, first.into(), (2 * gn).into(), (nt * blocks).into(), |b, i| {
+        let ch = addu(b, i.into(), di.into());
+        let row = addu(b, crow.into(), ch.into());
+        let sidx = mulu(b, row.into(), (k - 1).into());
+        let sa = b.index(pr.conv_state, sidx, 2);
+        let old: Vec<Reg> =
+            (1..k - 1).map(|j| b.ld(Space::Global, Ty::B16, Cache::None, sa.into(), i64::from(j) * 2)).collect();
+        let xel = addu(b, zrow.into(), ch.into());
+        let xa = b.index(pr.zx, xel, 2);
+        let xin = b.ld(Space::Global, Ty::B16, Cache::ReadOnly, xa.into(), i64::from(di) * 2);
+        for (j, &v) in old.iter().chain([&xin]).enumerate() {
+            b.st(Space::Global, Ty::B16, sa.into(), j as i64 * 2, v.into());
+        }
+    });
+    let c0 = mulu(&mut b, blk.into(), grp.into());
+    let ybase = madu(&mut b, seq.into(), di.into(), c0.into());
+    let ybuf = pr.y;
+    m2_norm(&mut b, &pr, spec, nt, grp, c0, zrow, ybase, red, &|b, c| {
+        let el = addu(b, ybase.into(), c.into());
+        let ya = b.index(ybuf, el, 2);
+        let yh = b.ld(Space::Global, Ty::B16, Cache::None, ya.into(), 0);
+        bf16_to_f32(b, yh)
+    });
+    let norm_kernel = Generated {
+        kernel: b.finish(),
+        launch: LaunchRule {
+            grid: [Dim::constant(i64::from(blocks)), spec.batch.clone(), Dim::constant(1)],
+            block: [nt, 1, 1],
+            dynamic_shared: 0,
+            args: m2_args(spec),
+        },
+    };
+    Ok([state_kernel, norm_kernel])
 }
