@@ -1393,3 +1393,9 @@ fn ptxas_reports_errors() {
     let e = ptxas::assemble(bad, "sm_80").expect_err("bogus PTX assembles");
     assert!(e.contains("ptxas -arch=sm_80 failed") && e.contains("bogus"), "{e}");
 }
+
+#[test]
+fn empty_kernel() {
+    let text = check(&Builder::new("empty").finish());
+    assert_eq!(text, ".version 7.0\n.target sm_80\n.address_size 64\n\n.visible .entry empty()\n{\n\n    ret;\n}\n");
+}
