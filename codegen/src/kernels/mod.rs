@@ -6,9 +6,11 @@
 //! vary at run time are kernel parameters, so one kernel serves every batch and length.
 
 pub mod attention;
+pub mod conv;
 pub mod delta;
 pub mod gemm;
 pub mod gemv;
+pub mod ssd;
 
 use flashc_compiler::gir::{Bindings, Dim};
 use flashc_compiler::schedule::BufferId;
