@@ -271,6 +271,13 @@ pub fn compile(file: &Path, opts: &CompileOptions, out: Option<&Path>) -> CmdRes
             let g = build_gir(&spec, opts)?;
             schedule(&g).map_err(|e| fail(format!("internal error while scheduling: {e}")))?.to_string()
         }
+        Emit::Clif => {
+            let (spec, _) = load_spec(file)?;
+            let g = build_gir(&spec, opts)?;
+            let p = schedule(&g).map_err(|e| fail(format!("internal error while scheduling: {e}")))?;
+            flashc_codegen::host::write_string(&p, &flashc_codegen::host::Options::default())
+                .map_err(|e| fail(format!("internal error while generating the host schedule: {e}")))?
+        }
     };
     let dest = out.map(|p| p.display().to_string());
     output::emit(&text, out)

@@ -241,6 +241,8 @@ enum Emit {
     Gir,
     /// The scheduled program: kernel groups, buffers and the arena plan.
     Program,
+    /// The host schedule as Cranelift IR (the code that launches the program's kernels).
+    Clif,
 }
 
 /// Compilation modes.
