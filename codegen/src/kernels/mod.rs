@@ -5,6 +5,13 @@
 //! kernel parameter as a function of the program's buffers and the runtime sizes B, T, S). Sizes that
 //! vary at run time are kernel parameters, so one kernel serves every batch and length.
 
+pub mod elementwise;
+pub mod embed;
+pub mod logits;
+pub mod loss;
+pub mod norm;
+pub mod sampling;
+
 use flashc_compiler::gir::{Bindings, Dim};
 use flashc_compiler::schedule::BufferId;
 use serde::{Deserialize, Serialize};
