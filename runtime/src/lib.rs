@@ -44,5 +44,6 @@ pub mod device;
 pub mod model;
 pub mod sample;
 pub mod session;
+pub mod sim;
 pub mod tokenizer;
 pub mod weights;
