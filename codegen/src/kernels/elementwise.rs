@@ -182,14 +182,15 @@ impl Map {
         Some(Map::natural_scaled(shape, &base, ds[0].modulo.is_some()))
     }
 
-    /// Whether the flat index is `i` itself.
-    fn is_identity(&self) -> bool {
-        *self == Map::natural(&self.shape)
+    /// Whether the flat index is `i` itself (`n`: the elements of the iteration space; a value with
+    /// fewer elements, e.g. a broadcast `[1]`, is never read at `i`).
+    fn is_identity(&self, n: &Dim) -> bool {
+        Dim::product(&self.shape) == *n && *self == Map::natural(&self.shape)
     }
 
     /// The non-constant sizes the index computation needs.
-    fn dims(&self, out: &mut BTreeSet<Dim>) {
-        if self.is_identity() {
+    fn dims(&self, n: &Dim, out: &mut BTreeSet<Dim>) {
+        if self.is_identity(n) {
             return;
         }
         let st = strides(&self.shape);
@@ -283,7 +284,7 @@ impl Plan {
             let operands = body.operands(v.node);
             match op {
                 Op::Input { role: flashc_compiler::gir::InputRole::Param, .. } => {
-                    map.dims(&mut dims);
+                    map.dims(&n, &mut dims);
                     loads.push(map.clone());
                     continue;
                 }
@@ -375,7 +376,7 @@ impl Emit<'_> {
 
     /// The flat element index of a map at iteration index `i`.
     fn flat(&mut self, b: &mut Builder, map: &Map, i: Reg) -> Reg {
-        if map.is_identity() {
+        if map.is_identity(&self.plan.n) {
             return i;
         }
         if let Some(r) = self.flats.get(map) {
