@@ -21,7 +21,7 @@ use flashc_compiler::gir::{DType, Dim, Op, TensorType};
 use super::elementwise::{Args, block_reduce, coords, grid3, ln, load};
 use super::sampling::{Online, RowLayout};
 use super::{CodegenError, Generated, LaunchRule};
-use crate::kir::{BinOp, Builder, Cache, Cmp, Space, Special, Ty};
+use crate::kir::{BinOp, Builder, Cache, Cmp, Inst, Operand, Space, Special, Ty};
 
 /// Threads of the mean kernel.
 pub const MEAN_BLOCK: u32 = 256;
@@ -77,7 +77,8 @@ pub fn cross_entropy_rows(rows: &Dim, vocab: u32, dtype: DType) -> Result<Genera
             let loss = b.mov(Ty::F32, 0.0f32.into());
             let counted = b.setp(Cmp::Ge, Ty::S32, t.into(), 0i32.into());
             b.if_(counted, |b| {
-                b.assign(loss, f32::NAN.into());
+                // NaN by its bits (an `Operand::F32(NaN)` would make the kernel unequal to itself).
+                b.inst(Inst::Mov { ty: Ty::B32, dst: loss, src: Operand::Imm(0x7FC0_0000) });
                 let inside = b.setp(Cmp::Lt, Ty::U32, t.into(), vocab.into());
                 b.if_(inside, |b| {
                     let a = b.index(row, t, l.elem.bytes());

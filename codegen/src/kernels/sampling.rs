@@ -20,7 +20,7 @@
 //!   histogram with shared atomics; warp 0 finds the digit holding the k-th element with a shuffle
 //!   scan) fix the k-th value; only when that value is tied across the cut do `⌈b/8⌉` passes over the
 //!   index bits follow. A last pass collects exactly the k selected elements into shared memory
-//!   (atomic slots) and threads `0..k` each compute their element's rank and write it in place:
+//!   (atomic slots) and the threads compute each element's rank and write it in place:
 //!   sorted, deterministic output. Cost: 5 to 8 reads of the row per row; one block per row.
 //!
 //! **Slots** (`ArgRule::Buffer(BufferId(k))`): 0 `logits [rows, V]`, then the results: softmax
@@ -445,14 +445,13 @@ pub fn top_k(rows: &Dim, vocab: u32, k: u32, dtype: DType) -> Result<Generated, 
             }
         });
         b.bar();
-        // Rank sort: element t goes to position #{j : key_j > key_t or (equal and idx_j < idx_t)}.
-        let mine = b.setp(Cmp::Lt, Ty::U32, c.tid.into(), k.into());
-        b.if_(mine, |b| {
-            let a = b.index_shared(ckey, c.tid.into(), 4);
+        // Rank sort (threads loop over the k candidates): element t goes to position #{j : key_j > key_t or (equal and idx_j < idx_t)}.
+        b.for_(Ty::U32, c.tid.into(), k.into(), threads.into(), |b, me| {
+            let a = b.index_shared(ckey, me.into(), 4);
             let my_key = b.ld(Space::Shared, Ty::U32, Cache::None, a.into(), 0);
-            let a = b.index_shared(cidx, c.tid.into(), 4);
+            let a = b.index_shared(cidx, me.into(), 4);
             let my_idx = b.ld(Space::Shared, Ty::U32, Cache::None, a.into(), 0);
-            let a = b.index_shared(cval, c.tid.into(), 4);
+            let a = b.index_shared(cval, me.into(), 4);
             let my_val = b.ld(Space::Shared, Ty::F32, Cache::None, a.into(), 0);
             let rank = b.mov(Ty::U32, 0u32.into());
             b.for_(Ty::U32, 0u32.into(), k.into(), 1u32.into(), |b, j| {
