@@ -198,7 +198,8 @@ impl<'a, 'm> Block<'a, 'm> {
                             }
                         }
                         if *uniform && !go.is_empty() && go.len() != cur.threads.len() {
-                            let odd = first_difference(&cur.threads, &go);
+                            // The first thread whose condition differs from the first active thread's.
+                            let odd = if go[0] == cur.threads[0] { first_difference(&cur.threads, &go) } else { go[0] };
                             return Err(self.error(Fault { kind: SimErrorKind::NonUniform, thread: Some(odd) }, head()));
                         }
                         if go.is_empty() {

@@ -1,0 +1,64 @@
+//! The `sim` device behind the `Device` interface: buffers in their gir dtypes at the program's layout,
+//! and a clear error for kernel groups until codegen has kernel generators.
+
+use std::sync::Arc;
+
+use flashc_compiler::gir::{Bindings, DType, Mode};
+use flashc_compiler::lower::LowerOptions;
+use flashc_compiler::schedule::BufferKind;
+use flashc_runtime::device::{Device, HostData, RuntimeError};
+use flashc_runtime::model::compile;
+use flashc_runtime::sim::{Sim, f32_to_bf16};
+
+const TINY: &str = "model tiny {
+  vocab = 64
+  hidden = 16
+  op A = attention(heads = 2)
+  op F = ffn(inner = 32)
+  layers = [A, F]
+}";
+
+#[test]
+fn buffers_are_stored_in_their_dtype_and_kernels_wait_for_generators() {
+    let spec = flashc_dsl::load(TINY).expect("valid").0;
+    let program = compile(&spec, &LowerOptions::new(Mode::Decode)).expect("compiles");
+    let at = Bindings { b: 2, t: 1, s: 4 };
+    let mut mem = Sim.allocate(&program, &at).expect("allocates");
+
+    // Weights: rounded to their dtype on the way in, widened exactly on the way out.
+    let weights: Vec<_> =
+        program.buffers.iter().filter(|b| b.kind == BufferKind::Weight && b.alias.is_none()).collect();
+    assert!(!weights.is_empty());
+    for (i, w) in weights.iter().enumerate() {
+        let n = w.ty.numel().eval(&at) as usize;
+        let data: Vec<f32> = (0..n).map(|j| ((i * 31 + j * 7) % 97) as f32 / 97.0 - 0.5).collect();
+        Sim.share_weight(&mut mem, w.id, Arc::new(data.clone())).expect("shares");
+        let back = Sim.download(&program, &mem, w.id).expect("downloads").into_f32().expect("float");
+        let want: Vec<f32> = match w.ty.dtype {
+            DType::Bf16 => data.iter().map(|x| f32::from_bits(u32::from(f32_to_bf16(*x)) << 16)).collect(),
+            _ => data.clone(),
+        };
+        assert_eq!(back, want, "weight {}", w.name);
+    }
+
+    // Inputs: token ids are i32; a wrong length or type is refused.
+    let tokens =
+        program.buffers.iter().find(|b| b.kind == BufferKind::Input && b.ty.dtype == DType::I32).expect("tokens");
+    Sim.upload(&mut mem, tokens.id, HostData::I32(vec![3, 60])).expect("uploads");
+    assert_eq!(Sim.download(&program, &mem, tokens.id).expect("downloads"), HostData::I32(vec![3, 60]));
+    assert!(Sim.upload(&mut mem, tokens.id, HostData::I32(vec![1])).is_err());
+    assert!(Sim.upload(&mut mem, tokens.id, HostData::F32(vec![1.0, 2.0])).is_err());
+
+    // States start zeroed.
+    let state = program.buffers.iter().find(|b| b.kind == BufferKind::State && b.alias.is_none()).expect("a KV cache");
+    let zeros = Sim.download(&program, &mem, state.id).expect("downloads").into_f32().expect("float");
+    assert!(zeros.iter().all(|x| *x == 0.0));
+
+    // Kernel groups: no generator yet.
+    let k = &program.kernels[0];
+    match Sim.run(&program, k, &mut mem) {
+        Err(RuntimeError::Device(m)) => assert!(m.contains("no kernel generator for"), "{m}"),
+        other => panic!("expected a device error, got {other:?}"),
+    }
+    assert_eq!(Sim.name(), "sim");
+}
