@@ -11,3 +11,4 @@
 
 pub mod kir;
 pub mod kernels;
+pub mod ptx;

@@ -12,6 +12,7 @@
 //! shared memory.
 
 pub mod builder;
+pub mod print;
 
 use serde::{Deserialize, Serialize};
 
