@@ -9,6 +9,6 @@
 //! - every back end exposes the same small entry point (options, error, `write_string`);
 //! - output is deterministic: the same program gives byte-identical kir, PTX and CLIF.
 
-pub mod kir;
 pub mod kernels;
+pub mod kir;
 pub mod ptx;

@@ -106,7 +106,9 @@ fn sizes() -> Vec<Bindings> {
 #[test]
 fn chain_silu_mul_at_several_widths() {
     for dt in ["f32", "bf16"] {
-        for (d, want_v) in [(64, if dt == "f32" { 4 } else { 8 }), (100, 4), (7, 1), (2048, if dt == "f32" { 4 } else { 8 })] {
+        for (d, want_v) in
+            [(64, if dt == "f32" { 4 } else { 8 }), (100, 4), (7, 1), (2048, if dt == "f32" { 4 } else { 8 })]
+        {
             let text = format!(
                 "gir @chain {{
                   %0 = input[name=\"p0\", role=\"param\", index=0] : {dt}[B, T, {d}]

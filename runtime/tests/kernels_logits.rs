@@ -23,7 +23,12 @@ fn row_norm_logits_matches_cpu() {
                     let l = quantize(ldt, &rng.normals(r * v, 3.0));
                     let w = quantize(wdt, &rng.normals(v * h, 0.5));
                     let mut dev = Dev::new();
-                    let slots = [dev.input(ldt, &l), dev.input(wdt, &w), dev.output(DType::F32, r * v), dev.output(DType::F32, v)];
+                    let slots = [
+                        dev.input(ldt, &l),
+                        dev.input(wdt, &w),
+                        dev.output(DType::F32, r * v),
+                        dev.output(DType::F32, v),
+                    ];
                     dev.launch(&norms_k, &a, &slots);
                     dev.launch(&scale_k, &a, &slots);
                     let mut want = vec![0.0; r * v];

@@ -68,8 +68,12 @@ fn run_spec(spec: &NormSpec, at: &Bindings, seed: u64) {
             check(&what, &dev.read(spec.dtype, *slots.last().unwrap(), n), &want, t);
         }
         NormKind::GatedRmsNorm { group, norm_before_gate } => {
-            let slots =
-                [dev.input(spec.dtype, &x), dev.input(spec.dtype, &r), dev.input(spec.weight, &w), dev.output(spec.dtype, n)];
+            let slots = [
+                dev.input(spec.dtype, &x),
+                dev.input(spec.dtype, &r),
+                dev.input(spec.weight, &w),
+                dev.output(spec.dtype, n),
+            ];
             dev.launch(&g, at, &slots);
             let mut want = vec![0.0; n];
             cpu::gated_rmsnorm(rows, d, &x, &r, &w, spec.eps, group as usize, norm_before_gate, &mut want).unwrap();
@@ -116,13 +120,22 @@ fn rmsnorm_per_head_rows() {
 
 #[test]
 fn rmsnorm_long_rows_reread() {
-    // More than four vectors per thread of a 512-thread block: the output pass re-reads the row.
-    for (dt, width) in [(DType::Bf16, 20_000), (DType::F32, 9_000), (DType::F32, 8_190)] {
+    // More than 16 values per thread of a 1024-thread block: 512 threads re-read the row; just below,
+    // 1024 threads keep their values.
+    for (dt, width, reread) in [
+        (DType::Bf16, 20_000, true),
+        (DType::F32, 20_000, true),
+        (DType::F32, 16_390, true),
+        (DType::Bf16, 16_384, false),
+        (DType::F32, 16_384, false),
+    ] {
         let g = norm::norm(&spec(NormKind::RmsNorm, &bt(), width, dt, dt)).unwrap();
-        assert!(g.kernel.doc.iter().any(|l| l.contains("re-read")), "{:?}", g.kernel.doc);
+        assert_eq!(g.kernel.doc.iter().any(|l| l.contains("re-read")), reread, "{:?}", g.kernel.doc);
         for a in [at(1, 2), at(1, 1)] {
             run_spec(&spec(NormKind::RmsNorm, &bt(), width, dt, dt), &a, 7);
             run_spec(&spec(NormKind::AddRmsNorm { write_sum: true }, &bt(), width, dt, dt), &a, 8);
+            let kind = NormKind::GatedRmsNorm { group: width / 2, norm_before_gate: true };
+            run_spec(&spec(kind, &bt(), width, dt, dt), &a, 9);
         }
     }
 }

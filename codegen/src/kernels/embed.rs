@@ -18,7 +18,7 @@
 
 use flashc_compiler::gir::{DType, Dim, Op, TensorType};
 
-use super::elementwise::{Args, blocks, grid3, udiv, urem};
+use super::elementwise::{Args, blocks, declare_block, grid3, udiv, urem};
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{BinOp, Builder, Cache, Cmp, Operand, Reg, Space, Special, Ty};
 
@@ -112,7 +112,8 @@ pub fn embed_meta_prefix(
 
 /// The kernel of a gir `embed` or `meta_prefix` node.
 pub fn for_op(op: &Op, operands: &[TensorType]) -> Result<Generated, CodegenError> {
-    let shape = |i: usize| operands.get(i).ok_or_else(|| CodegenError::Shape(format!("`{}` lacks operand {i}", op.name())));
+    let shape =
+        |i: usize| operands.get(i).ok_or_else(|| CodegenError::Shape(format!("`{}` lacks operand {i}", op.name())));
     let cst = |d: &Dim, what: &str| {
         d.as_const()
             .and_then(|c| u32::try_from(c).ok())
@@ -133,7 +134,13 @@ pub fn for_op(op: &Op, operands: &[TensorType]) -> Result<Generated, CodegenErro
             if meta.rank() != 2 || x.rank() != 3 {
                 return Err(CodegenError::Shape(format!("meta_prefix of {meta} and {x}")));
             }
-            meta_prefix(cst(&meta.shape[0], "meta tokens")?, &x.shape[0], &x.shape[1], cst(&x.shape[2], "hidden")?, x.dtype)
+            meta_prefix(
+                cst(&meta.shape[0], "meta tokens")?,
+                &x.shape[0],
+                &x.shape[1],
+                cst(&x.shape[2], "hidden")?,
+                x.dtype,
+            )
         }
         other => Err(CodegenError::Unsupported(format!("`{}` as a gather", other.name()))),
     }
@@ -180,8 +187,10 @@ impl Copy {
         let tpr = units.next_power_of_two().min(BLOCK);
         let rpb = BLOCK / tpr;
         let mut b = Builder::new(format!("{name}_{}_{hidden}", dtype.name()));
-        b.block_size(BLOCK, 1, 1);
-        b.doc(format!("row copy: {units} units of {unit} bytes per row, {tpr} threads per row, {rpb} rows per block of {BLOCK}"));
+        declare_block(&mut b, BLOCK);
+        b.doc(format!(
+            "row copy: {units} units of {unit} bytes per row, {tpr} threads per row, {rpb} rows per block of {BLOCK}"
+        ));
         Ok(Copy { b, args: Args::default(), unit, units, tpr, rpb })
     }
 

@@ -17,7 +17,7 @@
 
 use flashc_compiler::gir::{DType, Dim, Op, TensorType};
 
-use super::elementwise::{Args, Elem, blocks, grid3, load, row_vector, store, urem};
+use super::elementwise::{Args, Elem, blocks, declare_block, grid3, load, row_vector, store, urem};
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{BinOp, Builder, Cache, Cmp, Special, Ty, UnOp};
 
@@ -65,7 +65,7 @@ pub fn row_norms(vocab: u32, hidden: u32, w: DType) -> Result<Generated, Codegen
     let nvec = hidden / vw;
     let wpb = NORMS_BLOCK / 32;
     let mut b = Builder::new(format!("row_norms_{}_{hidden}", we.name()));
-    b.block_size(NORMS_BLOCK, 1, 1);
+    declare_block(&mut b, NORMS_BLOCK);
     b.doc(format!("row_norms: L2 norm of each of the {vocab} rows of a [{vocab}, {hidden}] {} matrix", we.name()));
     b.doc(format!("one warp per row, {wpb} rows per block; {vw}-element vectors; f32 sum of squares"));
     let mut args = Args::default();
@@ -98,7 +98,10 @@ pub fn row_norms(vocab: u32, hidden: u32, w: DType) -> Result<Generated, Codegen
     });
     let kernel = b.finish();
     let grid = blocks(&Dim::constant(i64::from(vocab)), i64::from(wpb));
-    Ok(Generated { kernel, launch: LaunchRule { grid: grid3(grid), block: [NORMS_BLOCK, 1, 1], dynamic_shared: 0, args: args.rules } })
+    Ok(Generated {
+        kernel,
+        launch: LaunchRule { grid: grid3(grid), block: [NORMS_BLOCK, 1, 1], dynamic_shared: 0, args: args.rules },
+    })
 }
 
 /// `out[r, v] = logits[r, v] / norms[v]` over `rows × vocab` (f32 out).
@@ -111,8 +114,11 @@ pub fn row_norm_scale(rows: &Dim, vocab: u32, logits: DType) -> Result<Generated
     let n = rows.scale(i64::from(vocab));
     let nv = n.div_exact(i64::from(vw)).unwrap_or_else(|| n.clone());
     let mut b = Builder::new(format!("row_norm_scale_{}_{vocab}", le.name()));
-    b.block_size(SCALE_BLOCK, 1, 1);
-    b.doc(format!("row_norm_scale: {rows} rows of {vocab} {} logits divided by the LM-head row norms (f32 out)", le.name()));
+    declare_block(&mut b, SCALE_BLOCK);
+    b.doc(format!(
+        "row_norm_scale: {rows} rows of {vocab} {} logits divided by the LM-head row norms (f32 out)",
+        le.name()
+    ));
     b.doc(format!("grid-stride loop, {SCALE_BLOCK} threads, {vw} element(s) per thread and step"));
     let mut args = Args::default();
     let lp = args.ptr(&mut b, "logits", 0);
@@ -137,5 +143,8 @@ pub fn row_norm_scale(rows: &Dim, vocab: u32, logits: DType) -> Result<Generated
     });
     let kernel = b.finish();
     let grid = blocks(&nv, i64::from(SCALE_BLOCK));
-    Ok(Generated { kernel, launch: LaunchRule { grid: grid3(grid), block: [SCALE_BLOCK, 1, 1], dynamic_shared: 0, args: args.rules } })
+    Ok(Generated {
+        kernel,
+        launch: LaunchRule { grid: grid3(grid), block: [SCALE_BLOCK, 1, 1], dynamic_shared: 0, args: args.rules },
+    })
 }

@@ -18,7 +18,7 @@
 
 use flashc_compiler::gir::{DType, Dim, Op, TensorType};
 
-use super::elementwise::{Args, block_reduce, coords, grid3, ln, load};
+use super::elementwise::{Args, block_reduce, coords, declare_block, grid3, ln, load};
 use super::sampling::{Online, RowLayout};
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{BinOp, Builder, Cache, Cmp, Inst, Operand, Space, Special, Ty};
@@ -49,7 +49,7 @@ pub fn for_op(op: &Op, operands: &[TensorType]) -> Result<[Generated; 2], Codege
 pub fn cross_entropy_rows(rows: &Dim, vocab: u32, dtype: DType) -> Result<Generated, CodegenError> {
     let l = RowLayout::new(vocab, dtype, "logits")?;
     let mut b = Builder::new(format!("cross_entropy_rows_{}_{vocab}", l.elem.name()));
-    b.block_size(l.threads, 1, 1);
+    declare_block(&mut b, l.threads);
     b.doc(format!("cross-entropy rows: lse − logit[target] per row of {vocab}; 0 for ignored rows (target < 0)"));
     b.doc(l.doc());
     let mut args = Args::default();
@@ -103,7 +103,7 @@ pub fn cross_entropy_rows(rows: &Dim, vocab: u32, dtype: DType) -> Result<Genera
 /// The mean of the counted rows' losses, in one block.
 pub fn cross_entropy_mean(rows: &Dim) -> Result<Generated, CodegenError> {
     let mut b = Builder::new("cross_entropy_mean");
-    b.block_size(MEAN_BLOCK, 1, 1);
+    declare_block(&mut b, MEAN_BLOCK);
     b.doc("cross-entropy mean: Σ row_loss / #rows with target ≥ 0 (0 when none), one block, fixed order");
     let mut args = Args::default();
     let row_loss = args.ptr(&mut b, "row_loss", 3);
@@ -138,6 +138,11 @@ pub fn cross_entropy_mean(rows: &Dim) -> Result<Generated, CodegenError> {
     let kernel = b.finish();
     Ok(Generated {
         kernel,
-        launch: LaunchRule { grid: grid3(Dim::constant(1)), block: [MEAN_BLOCK, 1, 1], dynamic_shared: 0, args: args.rules },
+        launch: LaunchRule {
+            grid: grid3(Dim::constant(1)),
+            block: [MEAN_BLOCK, 1, 1],
+            dynamic_shared: 0,
+            args: args.rules,
+        },
     })
 }

@@ -11,15 +11,17 @@
 //! divides the width, so every row start stays aligned). With at most 64 vectors per row a **warp
 //! owns a row** (block of 32·W threads, W warps = W rows at a time; W = 4, or fewer when the symbolic
 //! row count has a small constant factor), the sum of squares is a warp shuffle reduction and no
-//! shared memory or barrier is used. Longer rows get a **block per row** (64 to 512 threads, about two
-//! vectors per thread): warp shuffles, then one partial per warp in shared memory, summed by every
+//! shared memory or barrier is used. Longer rows get a **block per row** (64 to 1024 threads, about
+//! two vectors per thread): warp shuffles, then one partial per warp in shared memory, summed by every
 //! thread in warp order (deterministic) between two barriers. Rows loop grid-stride (per warp or per
-//! block), so any grid is correct; the launch grid covers every row once. A thread keeps its up to four
-//! vectors in registers between the statistics pass and the output pass; longer rows (more than four
-//! vectors per thread of a 512-thread block) re-read their inputs for the output pass.
+//! block), so any grid is correct; the launch grid covers every row once. A thread keeps its values
+//! (at most 16 f32) in registers between the statistics pass and the output pass; longer rows
+//! (beyond 16384 elements per row) use 512 threads that re-read their inputs for the output
+//! pass.
 //!
 //! **Numerics.** `rstd = 1 / √(Σv² / width + eps)` (`Σv² + eps` for l2norm) with exact `sqrt.rn` and
-//! `rcp.rn`; `out = v · rstd · w` in the cpu kernel's order. `add_rmsnorm` rounds the sum to the
+//! `rcp.rn`; `out = v · rstd · w` in the cpu kernel's order (`norm_before_gate`: `(y · silu(z)) · rstd · w`,
+//! so a thread keeps one value per element between the passes). `add_rmsnorm` rounds the sum to the
 //! storage type, writes it, and normalises that rounded sum — exactly what the unfused pair computes.
 //! The gated norm's `silu` is `z · 1 / (1 + e⁻ᶻ)`.
 //!
@@ -33,7 +35,8 @@
 use flashc_compiler::gir::{DType, Dim, Graph, InputRole, Op, TensorType};
 
 use super::elementwise::{
-    Args, Coords, Elem, blocks, block_reduce, coords, grid3, load, round_bf16, row_vector, silu, store, urem,
+    Args, Coords, Elem, block_reduce, blocks, coords, declare_block, grid3, load, round_bf16, row_vector, silu, store,
+    urem,
 };
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{BinOp, Builder, Cache, Cmp, Operand, Reg, Special, Ty, UnOp};
@@ -129,11 +132,13 @@ pub fn for_add_rmsnorm(body: &Graph) -> Result<Generated, CodegenError> {
     if !matches!(body.op(sum.node), Op::Add) {
         return Err(bad());
     }
-    let is_param = |v: &flashc_compiler::gir::Value, i: u32| {
-        matches!(body.op(v.node), Op::Input { role: InputRole::Param, index, .. } if *index == i)
-    };
+    let is_param = |v: &flashc_compiler::gir::Value, i: u32| matches!(body.op(v.node), Op::Input { role: InputRole::Param, index, .. } if *index == i);
     let adds = body.operands(sum.node);
-    if adds.len() != 2 || !is_param(&adds[0], 0) || !is_param(&adds[1], 1) || !ops.get(1).is_some_and(|w| is_param(w, 2)) {
+    if adds.len() != 2
+        || !is_param(&adds[0], 0)
+        || !is_param(&adds[1], 1)
+        || !ops.get(1).is_some_and(|w| is_param(w, 2))
+    {
         return Err(bad());
     }
     let outs = body.outputs();
@@ -163,8 +168,8 @@ fn rows_width(t: &TensorType) -> Result<(Dim, u32), CodegenError> {
     Ok((Dim::product(&t.shape[..r - 1]), width))
 }
 
-/// Most vectors a thread keeps in registers between the two passes.
-const MAX_KEEP: u32 = 4;
+/// Most values a thread keeps in registers between the two passes (about 50 registers at the peak).
+const MAX_KEEP_VALUES: u32 = 16;
 
 /// Generates the kernel of a normalisation (see the module doc).
 pub fn norm(spec: &NormSpec) -> Result<Generated, CodegenError> {
@@ -188,12 +193,13 @@ pub fn norm(spec: &NormSpec) -> Result<Generated, CodegenError> {
     let (tpr, wpb) = if warp_mode {
         (32, warps_per_block(&krows))
     } else {
-        let t = nvec.div_ceil(2).next_multiple_of(32).clamp(64, 512);
-        let t = if nvec.div_ceil(t) > MAX_KEEP { 512 } else { t };
+        let kept_vectors = (MAX_KEEP_VALUES / vw).max(1);
+        let t = nvec.div_ceil(kept_vectors).next_multiple_of(32).clamp(64, 1024);
+        let t = if nvec.div_ceil(t) * vw > MAX_KEEP_VALUES { 512 } else { t };
         (t, t / 32)
     };
     let per_thread = nvec.div_ceil(tpr);
-    let keep = per_thread <= MAX_KEEP;
+    let keep = per_thread * vw <= MAX_KEEP_VALUES;
     let block = if warp_mode { 32 * wpb } else { tpr };
 
     let name = match spec.kind {
@@ -203,10 +209,17 @@ pub fn norm(spec: &NormSpec) -> Result<Generated, CodegenError> {
         NormKind::GatedRmsNorm { .. } => "gated_rmsnorm",
     };
     let mut b = Builder::new(format!("{name}_{}_{width}", x.name()));
-    b.block_size(block, 1, 1);
-    b.doc(format!("{name} over rows of {width} {} (groups of {group}), weight {}, eps {:e}", x.name(), we.name(), spec.eps));
+    declare_block(&mut b, block);
+    b.doc(format!(
+        "{name} over rows of {width} {} (groups of {group}), weight {}, eps {:e}",
+        x.name(),
+        we.name(),
+        spec.eps
+    ));
     if warp_mode {
-        b.doc(format!("one warp per row, {wpb} rows per block of {block} threads; {vw}-element vectors, {per_thread} per lane"));
+        b.doc(format!(
+            "one warp per row, {wpb} rows per block of {block} threads; {vw}-element vectors, {per_thread} per lane"
+        ));
     } else {
         b.doc(format!(
             "one block of {block} threads per row; {vw}-element vectors, {per_thread} per thread, {}",
@@ -276,7 +289,10 @@ pub fn norm(spec: &NormSpec) -> Result<Generated, CodegenError> {
     }
     let kernel = b.finish();
     let grid = blocks(&krows, i64::from(if warp_mode { wpb } else { 1 }));
-    Ok(Generated { kernel, launch: LaunchRule { grid: grid3(grid), block: [block, 1, 1], dynamic_shared: 0, args: args.rules } })
+    Ok(Generated {
+        kernel,
+        launch: LaunchRule { grid: grid3(grid), block: [block, 1, 1], dynamic_shared: 0, args: args.rules },
+    })
 }
 
 /// Warps per block for warp-per-row kernels: 4, or the largest power of two dividing every
@@ -307,10 +323,11 @@ struct RowGen {
     out: Reg,
 }
 
-/// One chunk's pre-norm values and (for `norm_before_gate`) its gate.
+/// One chunk: the values whose squares make the statistics, and the values the output scales
+/// (`y · silu(z)` for `norm_before_gate`, where the statistics are of `y`; otherwise the same).
 struct Chunk {
+    sq: Vec<Reg>,
     v: Vec<Reg>,
-    gate: Option<Vec<Reg>>,
 }
 
 impl RowGen {
@@ -331,7 +348,7 @@ impl RowGen {
                 let mut chunk = None;
                 self.guarded(b, k, cidx, |b| {
                     let ch = self.prenorm(b, base, cidx, true);
-                    for v in &ch.v {
+                    for v in &ch.sq {
                         b.mad_into(ss, (*v).into(), (*v).into());
                     }
                     chunk = Some(ch);
@@ -341,7 +358,7 @@ impl RowGen {
         } else {
             b.for_(Ty::U32, t.into(), self.nvec.into(), self.tpr.into(), |b, cidx| {
                 let ch = self.prenorm(b, base, cidx, true);
-                for v in &ch.v {
+                for v in &ch.sq {
                     b.mad_into(ss, (*v).into(), (*v).into());
                 }
             });
@@ -385,11 +402,15 @@ impl RowGen {
             load(b, self.x, Cache::ReadOnly, a, 0, n)
         };
         match self.kind {
-            NormKind::RmsNorm | NormKind::L2Norm => Chunk { v: ld(b, self.inputs[0]), gate: None },
+            NormKind::RmsNorm | NormKind::L2Norm => {
+                let v = ld(b, self.inputs[0]);
+                Chunk { sq: v.clone(), v }
+            }
             NormKind::AddRmsNorm { .. } => {
                 let xs = ld(b, self.inputs[0]);
                 let rs = ld(b, self.inputs[1]);
-                let mut v: Vec<Reg> = xs.iter().zip(&rs).map(|(a, c)| b.add(Ty::F32, (*a).into(), (*c).into())).collect();
+                let mut v: Vec<Reg> =
+                    xs.iter().zip(&rs).map(|(a, c)| b.add(Ty::F32, (*a).into(), (*c).into())).collect();
                 if self.x == Elem::Bf16 {
                     v = v.into_iter().map(|s| round_bf16(b, s)).collect();
                 }
@@ -397,18 +418,14 @@ impl RowGen {
                     let a = b.index(sp, e, self.x.bytes());
                     store(b, self.x, a, 0, &v);
                 }
-                Chunk { v, gate: None }
+                Chunk { sq: v.clone(), v }
             }
             NormKind::GatedRmsNorm { norm_before_gate, .. } => {
                 let ys = ld(b, self.inputs[0]);
                 let zs = ld(b, self.inputs[1]);
                 let gs: Vec<Reg> = zs.iter().map(|z| silu(b, *z)).collect();
-                if norm_before_gate {
-                    Chunk { v: ys, gate: Some(gs) }
-                } else {
-                    let v = ys.iter().zip(&gs).map(|(y, g)| b.mul(Ty::F32, (*y).into(), (*g).into())).collect();
-                    Chunk { v, gate: None }
-                }
+                let v: Vec<Reg> = ys.iter().zip(&gs).map(|(y, g)| b.mul(Ty::F32, (*y).into(), (*g).into())).collect();
+                if norm_before_gate { Chunk { sq: ys, v } } else { Chunk { sq: v.clone(), v } }
             }
         }
     }
@@ -437,9 +454,6 @@ impl RowGen {
             let mut o = b.mul(Ty::F32, ch.v[l].into(), rstd.into());
             if let Some(ws) = &ws {
                 o = b.mul(Ty::F32, o.into(), ws[l].into());
-            }
-            if let Some(g) = &ch.gate {
-                o = b.mul(Ty::F32, o.into(), g[l].into());
             }
             out.push(o);
         }

@@ -29,7 +29,7 @@
 
 use flashc_compiler::gir::{DType, Dim};
 
-use super::elementwise::{Args, Coords, Elem, coords, exp, grid3, load, row_vector, store};
+use super::elementwise::{Args, Coords, Elem, coords, declare_block, exp, grid3, load, row_vector, store};
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{AtomOp, BinOp, Builder, Cache, Cmp, Operand, Reg, ShflMode, Space, Special, Ty, UnOp};
 
@@ -186,7 +186,7 @@ impl RowKernel {
     fn new(name: &str, vocab: u32, dtype: DType) -> Result<RowKernel, CodegenError> {
         let layout = RowLayout::new(vocab, dtype, "logits")?;
         let mut b = Builder::new(format!("{name}_{}_{vocab}", layout.elem.name()));
-        b.block_size(layout.threads, 1, 1);
+        declare_block(&mut b, layout.threads);
         let mut args = Args::default();
         let logits = args.ptr(&mut b, "logits", 0);
         Ok(RowKernel { b, args, layout, logits })
@@ -204,7 +204,12 @@ impl RowKernel {
         let kernel = self.b.finish();
         Generated {
             kernel,
-            launch: LaunchRule { grid: grid3(rows.clone()), block: [threads, 1, 1], dynamic_shared: 0, args: self.args.rules },
+            launch: LaunchRule {
+                grid: grid3(rows.clone()),
+                block: [threads, 1, 1],
+                dynamic_shared: 0,
+                args: self.args.rules,
+            },
         }
     }
 }
