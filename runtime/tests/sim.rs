@@ -1336,3 +1336,253 @@ fn host_accessors_round_trip_and_catch_bad_addresses() {
     assert!(mem.write_f32(a + 8, &[1.0]).is_err(), "crosses the end");
     assert!(mem.read(0, 1).is_err(), "null");
 }
+
+// ---------------------------------------------------------------------------------------------- speed
+
+/// CPU time of this thread in seconds (Linux), so the measurement holds on a busy machine; wall time
+/// elsewhere.
+fn cpu_seconds(wall: std::time::Instant) -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()))
+        .map_or_else(|| wall.elapsed().as_secs_f64(), |ns| ns / 1e9)
+}
+
+/// Runs a kernel and prints its speed.
+fn measure(name: &str, k: &Kernel, l: Launch, args: &[Arg], mem: &mut GlobalMemory) {
+    let wall = std::time::Instant::now();
+    let c0 = cpu_seconds(wall);
+    let s = ok(k, l, args, mem);
+    let cpu = cpu_seconds(wall) - c0;
+    println!(
+        "{name}: {} warp-instructions in {cpu:.3} s of CPU ({:.3} s wall): {:.2} M warp-instructions/s, {:.1} M thread-instructions/s",
+        s.instructions,
+        wall.elapsed().as_secs_f64(),
+        s.instructions as f64 / cpu / 1e6,
+        s.thread_instructions as f64 / cpu / 1e6
+    );
+}
+
+/// Interpreter speed (`cargo test --release -p flashc-runtime --test sim throughput -- --ignored
+/// --nocapture`): a grid-stride `y = 2 x + y` over 2^20 elements, the shared-memory block sum, and
+/// a warp of mma.sync tiles.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn throughput() {
+    let mut b = Builder::new("saxpy");
+    let x = b.param_ptr("x");
+    let y = b.param_ptr("y");
+    let n = b.param(ParamTy::U32, "n");
+    let i0 = b.global_index_x();
+    let nb = b.special(Special::NctaidX);
+    let nt = b.special(Special::NtidX);
+    let stride = b.mul(Ty::U32, nb.into(), nt.into());
+    b.for_(Ty::U32, i0.into(), n.into(), stride.into(), |b, i| {
+        let xa = b.index(x, i, 4);
+        let ya = b.index(y, i, 4);
+        let xv = b.ld(Space::Global, Ty::F32, Cache::ReadOnly, xa.into(), 0);
+        let yv = b.ld(Space::Global, Ty::F32, Cache::None, ya.into(), 0);
+        let r = b.mad(Ty::F32, xv.into(), 2.0f32.into(), yv.into());
+        b.st(Space::Global, Ty::F32, ya.into(), 0, r.into());
+    });
+    let k = b.finish();
+    let n = 1usize << 20;
+    let mut mem = GlobalMemory::new();
+    let xs = Rng(3).f32s(n);
+    let xa = alloc_f32(&mut mem, &xs);
+    let ya = alloc_f32(&mut mem, &xs);
+    measure("saxpy", &k, launch(64, 256), &[Arg::Ptr(xa), Arg::Ptr(ya), Arg::U32(n as u32)], &mut mem);
+
+    let k = block_sum_kernel();
+    let xs: Vec<f32> = (0..256 * 1024).map(|i| (i % 7) as f32).collect();
+    let xa = alloc_f32(&mut mem, &xs);
+    let oa = mem.alloc(1024 * 4);
+    measure("block_sum", &k, launch(1024, 256), &[Arg::Ptr(xa), Arg::Ptr(oa)], &mut mem);
+
+    // 1024 mma.sync per warp on register fragments.
+    let mut b = Builder::new("mma_loop");
+    let out = b.param_ptr("out");
+    let one = b.pack_bf16x2(1.0f32.into(), 1.0f32.into());
+    let acc: Vec<Reg> = (0..4).map(|_| b.mov(Ty::F32, 0.0f32.into())).collect();
+    b.for_uniform(Ty::U32, 0u32.into(), 1024u32.into(), 1u32.into(), |b, _| {
+        let d = b.mma([one; 4], [one; 2], [acc[0], acc[1], acc[2], acc[3]]);
+        for (a, r) in acc.iter().zip(d) {
+            b.assign(*a, r.into());
+        }
+    });
+    let i = b.global_index_x();
+    let oa = b.index(out, i, 4);
+    b.st(Space::Global, Ty::F32, oa.into(), 0, acc[0].into());
+    let k = b.finish();
+    let oa = mem.alloc(4 * 128 * 4);
+    measure("mma_loop", &k, launch(4, 128), &[Arg::Ptr(oa)], &mut mem);
+}
+
+#[test]
+fn signed_loads_into_wider_registers_sign_extend() {
+    let mut b = Builder::new("ld_s16");
+    let x = b.param_ptr("x");
+    let out = b.param_ptr("out");
+    let r = b.reg(Ty::S32);
+    b.raw(Inst::Ld { space: Space::Global, ty: Ty::S16, cache: Cache::None, dst: vec![r], addr: x.into(), offset: 0 });
+    let u = b.reg(Ty::U32);
+    b.raw(Inst::Ld { space: Space::Global, ty: Ty::U16, cache: Cache::None, dst: vec![u], addr: x.into(), offset: 0 });
+    b.st(Space::Global, Ty::S32, out.into(), 0, r.into());
+    b.st(Space::Global, Ty::U32, out.into(), 4, u.into());
+    let k = b.finish();
+    let mut mem = GlobalMemory::new();
+    let xa = mem.alloc(2);
+    mem.write(xa, &(-3i16).to_le_bytes()).expect("write");
+    let oa = mem.alloc(8);
+    ok(&k, launch(1, 1), &[Arg::Ptr(xa), Arg::Ptr(oa)], &mut mem);
+    assert_eq!(mem.read_i32(oa, 2).expect("read"), vec![-3, 0xFFFD]);
+}
+
+#[test]
+fn global_races_between_blocks_and_between_threads_without_a_barrier() {
+    // Every block adds its partial into out[tid] with a plain read-modify-write: split-K without
+    // atomics. Block 1 reads what block 0 wrote.
+    let mut b = Builder::new("split_k_race");
+    let out = b.param_ptr("out");
+    let (_, a) = tid_addr(&mut b, out);
+    let v = b.ld(Space::Global, Ty::F32, Cache::None, a.into(), 0);
+    let w = b.add(Ty::F32, v.into(), 1.0f32.into());
+    b.st(Space::Global, Ty::F32, a.into(), 0, w.into());
+    let k = b.finish();
+    let mut mem = GlobalMemory::new();
+    let oa = alloc_f32(&mut mem, &[0.0; 32]);
+    let e = fails(&k, launch(2, 32), &[Arg::Ptr(oa)], &mut mem, "ld.global.f32");
+    assert_eq!(
+        e.kind,
+        SimErrorKind::GlobalRace {
+            addr: oa,
+            other_block: [0, 0, 0],
+            other_thread: [0, 0, 0],
+            second: flashc_runtime::sim::Access::Read
+        }
+    );
+    assert_eq!(e.block, [1, 0, 0]);
+    // The same with atomics is fine (the failed launch left block 0's writes behind: reset).
+    mem.write_f32(oa, &[0.0; 32]).expect("write");
+    let mut b = Builder::new("split_k_atomic");
+    let out = b.param_ptr("out");
+    let (_, a) = tid_addr(&mut b, out);
+    b.red(AtomOp::Add, Space::Global, Ty::F32, a.into(), 1.0f32.into());
+    ok(&b.finish(), launch(2, 32), &[Arg::Ptr(oa)], &mut mem);
+    assert_eq!(mem.read_f32(oa, 32).expect("read"), vec![2.0; 32]);
+
+    // Within a block: thread t reads what thread t ^ 1 wrote, first without and then with a barrier.
+    for barrier in [false, true] {
+        let mut b = Builder::new("exchange_through_global");
+        let buf = b.param_ptr("buf");
+        let (t, a) = tid_addr(&mut b, buf);
+        b.st(Space::Global, Ty::U32, a.into(), 0, t.into());
+        if barrier {
+            b.bar();
+        }
+        let o = b.bin(BinOp::Xor, Ty::B32, t.into(), 1u32.into());
+        let oa = b.index(buf, o, 4);
+        let _ = b.ld(Space::Global, Ty::U32, Cache::None, oa.into(), 0);
+        let k = b.finish();
+        let mut mem = GlobalMemory::new();
+        let ba = mem.alloc(64 * 4);
+        let r = run(&k, &launch(1, 64), &[Arg::Ptr(ba)], &mut mem);
+        if barrier {
+            assert!(r.is_ok(), "{r:?}");
+        } else {
+            let e = r.expect_err("a race");
+            assert!(matches!(e.kind, SimErrorKind::GlobalRace { other_thread: [1, 0, 0], .. }), "{e}");
+        }
+    }
+}
+
+/// A two-stage cp.async pipeline over `stages` chunks of 32 × 16 bytes: each iteration issues the
+/// next stage, waits for the current one, and reads a neighbour's chunk; with `second_barrier` the
+/// iteration ends with a barrier before the buffer is refilled.
+fn pipeline_kernel(second_barrier: bool, stages: u32) -> Kernel {
+    let mut b = Builder::new("pipeline");
+    let x = b.param_ptr("x");
+    let out = b.param_ptr("out");
+    let s = b.shared("stages", 2 * 32 * 16, 16);
+    let t = b.special(Special::TidX);
+    let nb = b.add(Ty::U32, t.into(), 1u32.into());
+    let nb = b.bin(BinOp::Rem, Ty::U32, nb.into(), 32u32.into());
+    let issue = |b: &mut Builder, stage: Operand| {
+        let chunk = b.mad(Ty::U32, stage, 32u32.into(), t.into());
+        let src = b.index(x, chunk, 16);
+        let buf = b.bin(BinOp::And, Ty::B32, stage, 1u32.into());
+        let slot = b.mad(Ty::U32, buf.into(), 32u32.into(), t.into());
+        let dst = b.index_shared(s, slot.into(), 16);
+        b.cp_async(dst.into(), src.into(), 16, None);
+        b.cp_async_commit();
+    };
+    issue(&mut b, 0u32.into());
+    let acc = b.mov(Ty::U32, 0u32.into());
+    b.for_uniform(Ty::U32, 0u32.into(), stages.into(), 1u32.into(), |b, i| {
+        let next = b.add(Ty::U32, i.into(), 1u32.into());
+        let more = b.setp(Cmp::Lt, Ty::U32, next.into(), stages.into());
+        b.if_uniform(more, |b| issue(b, next.into()));
+        // Without a next stage there is no newer group to leave pending.
+        b.if_uniform(more, |b| b.cp_async_wait(1));
+        let last = b.setp(Cmp::Ge, Ty::U32, next.into(), stages.into());
+        b.if_uniform(last, |b| b.cp_async_wait(0));
+        b.bar();
+        let buf = b.bin(BinOp::And, Ty::B32, i.into(), 1u32.into());
+        let slot = b.mad(Ty::U32, buf.into(), 32u32.into(), nb.into());
+        let a = b.index_shared(s, slot.into(), 16);
+        let v = b.ld(Space::Shared, Ty::U32, Cache::None, a.into(), 0);
+        b.bin_into(BinOp::Add, acc, v.into());
+        if second_barrier {
+            b.bar();
+        }
+    });
+    let (_, oa) = tid_addr(&mut b, out);
+    b.st(Space::Global, Ty::U32, oa.into(), 0, acc.into());
+    b.finish()
+}
+
+#[test]
+fn cp_async_pipeline_needs_a_barrier_before_refilling_a_stage() {
+    let stages = 4u32;
+    let mut mem = GlobalMemory::new();
+    let words: Vec<u32> = (0..stages * 32 * 4).map(|i| i * 3 + 1).collect();
+    let xa = alloc_u32(&mut mem, &words);
+    let oa = mem.alloc(32 * 4);
+    ok(&pipeline_kernel(true, stages), launch(1, 32), &[Arg::Ptr(xa), Arg::Ptr(oa)], &mut mem);
+    let got = read_u32(&mem, oa, 32);
+    for t in 0..32u32 {
+        let nb = (t + 1) % 32;
+        let want: u32 = (0..stages).map(|s| words[((s * 32 + nb) * 4) as usize]).sum();
+        assert_eq!(got[t as usize], want, "thread {t}");
+    }
+    // With one barrier per iteration, the copy into a stage the other threads are still reading is a
+    // race from the moment it is issued.
+    let e =
+        fails(&pipeline_kernel(false, stages), launch(1, 32), &[Arg::Ptr(xa), Arg::Ptr(oa)], &mut mem, "cp.async.cg");
+    assert!(matches!(e.kind, SimErrorKind::Race { second: flashc_runtime::sim::Access::Write, .. }), "{e}");
+}
+
+#[test]
+fn malformed_kernels_and_undefined_ops_are_refused() {
+    // A register that does not exist.
+    let mut b = Builder::new("bad_reg");
+    let r = b.reg(Ty::U32);
+    b.raw(Inst::Mov { ty: Ty::U32, dst: r, src: Reg(99).into() });
+    let k = b.finish();
+    let e = fails(&k, launch(1, 1), &[], &mut GlobalMemory::new(), "mov.u32 %r0, %r99");
+    assert!(matches!(e.kind, SimErrorKind::InvalidKernel(_)), "{e}");
+    // A vector wider than 16 bytes.
+    let mut b = Builder::new("wide_vector");
+    let x = b.param_ptr("x");
+    let _ = b.ld_vec(Space::Global, Ty::F64, Cache::None, x.into(), 0, 4);
+    let e = fails(&b.finish(), launch(1, 1), &[Arg::Ptr(0)], &mut GlobalMemory::new(), "ld.global.v4.f64");
+    assert!(matches!(e.kind, SimErrorKind::InvalidKernel(_)), "{e}");
+    // rem.f32 does not exist in PTX.
+    let mut b = Builder::new("rem_f32");
+    let _ = b.bin(BinOp::Rem, Ty::F32, 1.0f32.into(), 2.0f32.into());
+    let e = fails(&b.finish(), launch(1, 1), &[], &mut GlobalMemory::new(), "rem.f32");
+    assert!(matches!(e.kind, SimErrorKind::Unsupported(_)), "{e}");
+    // The message says where: kernel, block, thread and instruction.
+    let msg = e.to_string();
+    assert!(msg.starts_with("kernel rem_f32: block (0,0,0), thread (0,0,0): unsupported"), "{msg}");
+}

@@ -47,6 +47,9 @@ pub enum SimErrorKind {
     /// Two threads touched the same shared-memory byte between two barriers, at least one of them
     /// writing (atomics only race with plain accesses).
     Race { addr: u32, other: [u32; 3], first: Access, second: Access },
+    /// A global-memory race: the byte was written by `other_thread` of `other_block` (another block,
+    /// or another thread of this block with no barrier between) and is now read or written.
+    GlobalRace { addr: u64, other_block: [u32; 3], other_thread: [u32; 3], second: Access },
     /// An `ld.global.nc` of a byte this kernel wrote (the non-coherent cache may return stale data).
     NonCoherentRead { addr: u64 },
     /// A `bar.sync` reached by only part of the block; `thread` (the error's) is one that did not
@@ -91,6 +94,13 @@ impl fmt::Display for SimErrorKind {
                 "shared-memory race at {addr:#x}: {} by thread {} and {} by this thread without a barrier between",
                 first.name(),
                 xyz(*other),
+                second.name()
+            ),
+            SimErrorKind::GlobalRace { addr, other_block, other_thread, second } => write!(
+                f,
+                "global-memory race at {addr:#x}: written by block {} thread {}, then {} by this thread (blocks run in any order; threads of a block need a barrier between)",
+                xyz(*other_block),
+                xyz(*other_thread),
                 second.name()
             ),
             SimErrorKind::NonCoherentRead { addr } => write!(

@@ -13,23 +13,35 @@ use std::collections::VecDeque;
 
 use flashc_codegen::kir::{AtomOp, BinOp, Cache, Inst, Kernel, Operand, Reg, Space, Special, Stmt, Ty};
 
-use super::error::SimError;
-use super::memory::GlobalMemory;
+use super::error::{Access, SimError};
+use super::memory::{GlobalFault, GlobalMemory, Writer};
 use super::num::{self, NumError};
 use super::print;
 use super::shared::Shared;
 use super::{SimErrorKind, Stats};
 
-/// An error before it is placed (kernel, block, instruction): what and which thread.
+/// An error before it is placed (kernel, block, instruction): what and which thread. Boxed, so the
+/// `Ok` path of every per-thread step stays small.
 #[derive(Debug)]
-pub(crate) struct Fault {
+pub(crate) struct Fault(Box<FaultData>);
+
+#[derive(Debug)]
+pub(crate) struct FaultData {
     pub kind: SimErrorKind,
     /// Linear thread index in the block.
     pub thread: Option<u32>,
 }
 
+impl Fault {
+    #[cold]
+    pub fn new(kind: SimErrorKind, thread: Option<u32>) -> Fault {
+        Fault(Box::new(FaultData { kind, thread }))
+    }
+}
+
+#[cold]
 pub(crate) fn fault(kind: SimErrorKind, t: usize) -> Fault {
-    Fault { kind, thread: Some(t as u32) }
+    Fault::new(kind, Some(t as u32))
 }
 
 fn num_fault(e: NumError, t: usize) -> Fault {
@@ -100,6 +112,10 @@ pub(crate) struct Block<'a, 'm> {
     /// Threads in the block.
     pub n: usize,
     pub ctaid: [u32; 3],
+    /// The linear block index (x fastest).
+    pub linear: u32,
+    /// Barriers this block has passed (the barrier interval, for global race checks).
+    pub interval: u32,
     pub regs: Vec<u64>,
     pub init: Vec<bool>,
     pub shared: &'m mut Shared,
@@ -115,14 +131,30 @@ impl<'a, 'm> Block<'a, 'm> {
         [t % x, (t / x) % y, t / (x * y)]
     }
 
-    fn error(&self, f: Fault, inst: String) -> SimError {
-        SimError {
-            kernel: self.k.name.clone(),
-            kind: f.kind,
-            block: self.ctaid,
-            thread: f.thread.map(|t| self.coords(t)),
-            inst,
+    /// Thread `t` as a global-memory accessor.
+    fn who(&self, t: usize) -> Writer {
+        Writer::new(self.linear, self.interval, t as u32)
+    }
+
+    /// A checked global access's fault, with the other thread named.
+    #[cold]
+    fn global_fault(&self, e: GlobalFault, t: usize, second: Access) -> Fault {
+        match e {
+            GlobalFault::Kind(k) => fault(k, t),
+            GlobalFault::Race { addr, other } => {
+                let [gx, gy, _] = self.ctx.grid;
+                let b = other.block();
+                let other_block = [b % gx, (b / gx) % gy, b / (gx * gy)];
+                let kind =
+                    SimErrorKind::GlobalRace { addr, other_block, other_thread: self.coords(other.thread()), second };
+                fault(kind, t)
+            }
         }
+    }
+
+    fn error(&self, f: Fault, inst: String) -> SimError {
+        let FaultData { kind, thread } = *f.0;
+        SimError { kernel: self.k.name.clone(), kind, block: self.ctaid, thread: thread.map(|t| self.coords(t)), inst }
     }
 
     // ------------------------------------------------------------------ registers and operands
@@ -132,9 +164,14 @@ impl<'a, 'm> Block<'a, 'm> {
     pub fn reg(&self, r: Reg, t: usize) -> Result<u64, Fault> {
         let i = r.0 as usize * self.n + t;
         if !self.init[i] {
-            return Err(fault(SimErrorKind::UninitializedRegister { reg: print::reg(self.k, r) }, t));
+            return Err(self.uninit(r, t));
         }
         Ok(self.regs[i])
+    }
+
+    #[cold]
+    fn uninit(&self, r: Reg, t: usize) -> Fault {
+        fault(SimErrorKind::UninitializedRegister { reg: print::reg(self.k, r) }, t)
     }
 
     #[inline]
@@ -145,15 +182,23 @@ impl<'a, 'm> Block<'a, 'm> {
     }
 
     /// An operand read as a value of type `ty` for thread `t`.
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, o: &Operand, ty: Ty, t: usize) -> Result<u64, Fault> {
-        Ok(match o {
-            Operand::Reg(r) => self.reg(*r, t)? & num::mask(ty),
+        if let Operand::Reg(r) = o {
+            return Ok(self.reg(*r, t)? & num::mask(ty));
+        }
+        Ok(self.constant(o, ty))
+    }
+
+    /// A non-register operand's value.
+    fn constant(&self, o: &Operand, ty: Ty) -> u64 {
+        match o {
+            Operand::Reg(_) => 0,
             Operand::Imm(i) => (*i as u64) & num::mask(ty),
             Operand::F32(x) => num::f32_imm(*x, ty),
             Operand::Shared(i) => self.ctx.shared_base[*i as usize],
             Operand::DynShared => self.ctx.dyn_base,
-        })
+        }
     }
 
     // ------------------------------------------------------------------ statements
@@ -200,7 +245,7 @@ impl<'a, 'm> Block<'a, 'm> {
                         if *uniform && !go.is_empty() && go.len() != cur.threads.len() {
                             // The first thread whose condition differs from the first active thread's.
                             let odd = if go[0] == cur.threads[0] { first_difference(&cur.threads, &go) } else { go[0] };
-                            return Err(self.error(Fault { kind: SimErrorKind::NonUniform, thread: Some(odd) }, head()));
+                            return Err(self.error(Fault::new(SimErrorKind::NonUniform, Some(odd)), head()));
                         }
                         if go.is_empty() {
                             break;
@@ -250,7 +295,7 @@ impl<'a, 'm> Block<'a, 'm> {
         if uniform && !yes.is_empty() && !no.is_empty() {
             let first = mask.threads[0];
             let odd = if yes[0] == first { no[0] } else { yes[0] };
-            return Err(Fault { kind: SimErrorKind::NonUniform, thread: Some(odd) });
+            return Err(Fault::new(SimErrorKind::NonUniform, Some(odd)));
         }
         Ok((Mask::new(yes), Mask::new(no)))
     }
@@ -376,15 +421,12 @@ impl<'a, 'm> Block<'a, 'm> {
                 self.stats.barriers += 1;
                 if threads.len() != self.n {
                     let missing = first_missing(threads, self.n);
-                    return Err(Fault {
-                        kind: SimErrorKind::BarrierDivergence {
-                            arrived: threads.len() as u32,
-                            expected: self.n as u32,
-                        },
-                        thread: Some(missing),
-                    });
+                    let kind =
+                        SimErrorKind::BarrierDivergence { arrived: threads.len() as u32, expected: self.n as u32 };
+                    return Err(Fault::new(kind, Some(missing)));
                 }
                 self.shared.barrier();
+                self.interval += 1;
             }
             Inst::Shfl { mode, dst, src, lane, clamp } => self.shfl(mask, *mode, *dst, *src, lane, *clamp)?,
             Inst::Vote { mode, dst, src } => self.vote(mask, *mode, *dst, *src)?,
@@ -478,11 +520,11 @@ impl<'a, 'm> Block<'a, 'm> {
         let mut buf = [0u8; 16];
         match space {
             Space::Global => {
-                let bytes = self.global.load(a, total).map_err(|k| fault(k, t))?;
+                let nc = cache != Cache::None;
+                let who = self.who(t);
+                let bytes =
+                    self.global.load_checked(a, total, who, nc).map_err(|e| self.global_fault(e, t, Access::Read))?;
                 buf[..total].copy_from_slice(bytes);
-                if cache != Cache::None {
-                    self.global.check_unwritten(a, total).map_err(|k| fault(k, t))?;
-                }
             }
             Space::Shared => {
                 let bytes = self.shared.read(t as u32, a, total).map_err(|k| fault(k, t))?;
@@ -490,7 +532,16 @@ impl<'a, 'm> Block<'a, 'm> {
             }
         }
         for (j, r) in dst.iter().enumerate() {
-            self.set(*r, t, le(&buf[j * size..(j + 1) * size]));
+            let v = le(&buf[j * size..(j + 1) * size]);
+            // A signed load into a wider register is sign-extended to the register's width.
+            let rty = self.k.ty(*r);
+            let v = if ty.is_signed() && rty.bytes() > ty.bytes() {
+                let shift = 64 - 8 * ty.bytes();
+                (((v << shift) as i64) >> shift) as u64 & num::mask(rty)
+            } else {
+                v
+            };
+            self.set(*r, t, v);
         }
         Ok(())
     }
@@ -516,10 +567,14 @@ impl<'a, 'm> Block<'a, 'm> {
             buf[j * size..(j + 1) * size].copy_from_slice(&v.to_le_bytes()[..size]);
         }
         match space {
-            Space::Global => self.global.store(a, &buf[..total]),
-            Space::Shared => self.shared.write(t as u32, a, &buf[..total]),
+            Space::Global => {
+                let who = self.who(t);
+                self.global
+                    .store_checked(a, &buf[..total], who, true)
+                    .map_err(|e| self.global_fault(e, t, Access::Write))
+            }
+            Space::Shared => self.shared.write(t as u32, a, &buf[..total]).map_err(|k| fault(k, t)),
         }
-        .map_err(|k| fault(k, t))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -554,9 +609,12 @@ impl<'a, 'm> Block<'a, 'm> {
         };
         let old = match space {
             Space::Global => {
+                let who = self.who(t);
                 let old = le(self.global.load(a, size).map_err(|k| fault(k, t))?);
                 let new = update(old)?;
-                self.global.store(a, &new.to_le_bytes()[..size]).map_err(|k| fault(k, t))?;
+                self.global
+                    .store_checked(a, &new.to_le_bytes()[..size], who, false)
+                    .map_err(|e| self.global_fault(e, t, Access::Atomic))?;
                 old
             }
             Space::Shared => {
@@ -594,7 +652,9 @@ impl<'a, 'm> Block<'a, 'm> {
         let s = self.address(t, Space::Global, src, 0, bytes)?;
         let mut data = [0u8; 16];
         if valid > 0 {
-            let b = self.global.load(s, valid).map_err(|k| fault(k, t))?;
+            let who = self.who(t);
+            let b =
+                self.global.load_checked(s, valid, who, false).map_err(|e| self.global_fault(e, t, Access::Read))?;
             data[..valid].copy_from_slice(b);
         }
         self.shared.begin_async(t as u32, d, len).map_err(|k| fault(k, t))?;

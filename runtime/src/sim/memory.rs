@@ -6,8 +6,14 @@
 //! valid). A fresh allocation holds a poison pattern, `0xFF` in every byte: read as f32 or bf16 it is
 //! a NaN, as an integer −1, so a kernel that reads memory nobody wrote shows it in its results.
 //!
-//! During a launch the memory also remembers which bytes the kernel has written, to catch
-//! `ld.global.nc` reads of data the same kernel wrote.
+//! During a launch the memory also remembers, for every 2-byte unit the kernel writes (the smallest
+//! access kir has), which block, which barrier interval of that block and which thread wrote it last
+//! (4 bytes of bookkeeping per byte of an allocation the kernel writes, dropped when the launch
+//! ends). That catches global-memory races —
+//! a byte written by one block and read or written by another (blocks run in any order and at the
+//! same time on the GPU), or written and then read or written by another thread of the same block
+//! with no barrier between — and `ld.global.nc` reads of data the kernel wrote. Atomics are checked
+//! against plain writes but not recorded, so atomics never race with atomics.
 
 use flashc_codegen::kir::Space;
 
@@ -22,11 +28,64 @@ const ALIGN: u64 = 256;
 /// The smallest unmapped gap after an allocation (the gap is at least the allocation's own size).
 const MIN_GAP: u64 = 64 * 1024;
 
+/// Who accesses global memory: the packed form of (linear block + 1, barrier interval in the block,
+/// linear thread), so one u64 per byte records the last writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Writer(pub u64);
+
+impl Writer {
+    pub fn new(block: u32, interval: u32, thread: u32) -> Writer {
+        Writer((u64::from(block) + 1) << 32 | u64::from(interval & 0x3F_FFFF) << 10 | u64::from(thread & 0x3FF))
+    }
+
+    /// The linear block.
+    pub fn block(self) -> u32 {
+        ((self.0 >> 32) as u32).wrapping_sub(1)
+    }
+
+    pub fn thread(self) -> u32 {
+        (self.0 & 0x3FF) as u32
+    }
+
+    fn interval(self) -> u32 {
+        ((self.0 >> 10) & 0x3F_FFFF) as u32
+    }
+
+    /// Whether an access by `self` conflicts with the recorded writer `w`: another block, or another
+    /// thread of the same block in the same barrier interval.
+    fn conflicts(self, w: Writer) -> bool {
+        w.0 != 0 && (w.block() != self.block() || (w.interval() == self.interval() && w.thread() != self.thread()))
+    }
+}
+
+/// What went wrong with a checked global access.
+#[derive(Debug)]
+pub(crate) enum GlobalFault {
+    Kind(SimErrorKind),
+    /// The byte at `addr` was written by `other` in a way that conflicts with this access.
+    Race {
+        addr: u64,
+        other: Writer,
+    },
+}
+
+impl From<SimErrorKind> for GlobalFault {
+    fn from(k: SimErrorKind) -> GlobalFault {
+        GlobalFault::Kind(k)
+    }
+}
+
+/// The 2-byte units covering `[off, off + len)`.
+fn units(off: usize, len: usize) -> std::ops::Range<usize> {
+    off / 2..(off + len).div_ceil(2)
+}
+
 #[derive(Clone, Debug)]
 struct Allocation {
     base: u64,
     data: Vec<u8>,
-    /// Bytes written by the running kernel, one bit each (empty outside launches or until a write).
+    /// The last writer of each 2-byte unit during the running launch (`Writer` packed; 0 = not
+    /// written), empty outside launches or until the first write.
     written: Vec<u64>,
 }
 
@@ -77,40 +136,58 @@ impl GlobalMemory {
         SimErrorKind::OutOfBounds { space: Space::Global, addr, bytes: len as u32 }
     }
 
-    /// Reads `len` bytes for a kernel.
+    /// Reads `len` bytes (unchecked: for the host and for atomics' old values).
     pub(crate) fn load(&self, addr: u64, len: usize) -> Result<&[u8], SimErrorKind> {
         let (i, off) = self.find(addr, len).ok_or_else(|| Self::oob(addr, len))?;
         Ok(&self.allocs[i].data[off..off + len])
     }
 
-    /// Checks that no byte of `[addr, addr + len)` was written by the running kernel (`ld.global.nc`).
-    pub(crate) fn check_unwritten(&self, addr: u64, len: usize) -> Result<(), SimErrorKind> {
+    /// Reads `len` bytes for thread `who` of the running kernel, checking for races with the bytes'
+    /// writers and, for `ld.global.nc` (`nc`), that the kernel wrote none of them.
+    pub(crate) fn load_checked(&self, addr: u64, len: usize, who: Writer, nc: bool) -> Result<&[u8], GlobalFault> {
         let (i, off) = self.find(addr, len).ok_or_else(|| Self::oob(addr, len))?;
-        let w = &self.allocs[i].written;
-        if w.is_empty() {
-            return Ok(());
-        }
-        for b in off..off + len {
-            if w[b / 64] >> (b % 64) & 1 == 1 {
-                return Err(SimErrorKind::NonCoherentRead { addr: self.allocs[i].base + b as u64 });
+        let a = &self.allocs[i];
+        if !a.written.is_empty() {
+            for u in units(off, len) {
+                let w = Writer(a.written[u]);
+                let addr = a.base + 2 * u as u64;
+                if nc && w.0 != 0 {
+                    return Err(SimErrorKind::NonCoherentRead { addr }.into());
+                }
+                if who.conflicts(w) {
+                    return Err(GlobalFault::Race { addr, other: w });
+                }
             }
         }
-        Ok(())
+        Ok(&a.data[off..off + len])
     }
 
-    /// Writes bytes for a kernel (remembering them while a launch tracks writes).
-    pub(crate) fn store(&mut self, addr: u64, bytes: &[u8]) -> Result<(), SimErrorKind> {
+    /// Writes bytes for thread `who` of the running kernel, checking for races and recording the
+    /// writer (`record` false for atomics, which do not race with each other).
+    pub(crate) fn store_checked(
+        &mut self,
+        addr: u64,
+        bytes: &[u8],
+        who: Writer,
+        record: bool,
+    ) -> Result<(), GlobalFault> {
         let (i, off) = self.find(addr, bytes.len()).ok_or_else(|| Self::oob(addr, bytes.len()))?;
         let tracking = self.tracking;
         let a = &mut self.allocs[i];
+        if !a.written.is_empty() {
+            for u in units(off, bytes.len()) {
+                let w = Writer(a.written[u]);
+                if who.conflicts(w) {
+                    return Err(GlobalFault::Race { addr: a.base + 2 * u as u64, other: w });
+                }
+            }
+        }
         a.data[off..off + bytes.len()].copy_from_slice(bytes);
-        if tracking {
+        if tracking && record {
             if a.written.is_empty() {
-                a.written = vec![0; a.data.len().div_ceil(64)];
+                a.written = vec![0; a.data.len().div_ceil(2)];
             }
-            for b in off..off + bytes.len() {
-                a.written[b / 64] |= 1 << (b % 64);
-            }
+            a.written[units(off, bytes.len())].fill(who.0);
         }
         Ok(())
     }

@@ -20,6 +20,8 @@
 //! - reads of shared memory no thread of the block wrote, and of registers the thread never wrote;
 //! - shared-memory races: between two barriers, a byte written by one thread and read or written by
 //!   another (atomics race only with plain accesses);
+//! - global-memory races: a byte written by one block and read or written by another, or by another
+//!   thread of the same block with no barrier between (read-then-write orders are not tracked);
 //! - `cp.async`: the copy lands in shared memory when the `cp.async.wait_group` that completes its
 //!   group runs; until then its destination is *pending* and any access to it is an error;
 //! - `ld.global.nc` of bytes the kernel wrote;
@@ -120,7 +122,9 @@ fn launch_error(kernel: &Kernel, kind: SimErrorKind, inst: String) -> SimError {
     SimError { kernel: kernel.name.clone(), kind, block: [0; 3], thread: None, inst }
 }
 
-/// Runs `kernel` on `launch.grid` blocks of `launch.block` threads with `args` over `mem`.
+/// Runs `kernel` on `launch.grid` blocks of `launch.block` threads with `args` over `mem`, and returns
+/// what it executed. On an error, `mem` holds whatever the kernel wrote before the failing
+/// instruction (blocks run in linear order, so earlier blocks completed).
 pub fn run(kernel: &Kernel, launch: &Launch, args: &[Arg], mem: &mut GlobalMemory) -> Result<Stats, SimError> {
     validate(kernel).map_err(|(m, inst)| launch_error(kernel, SimErrorKind::InvalidKernel(m), inst))?;
     let bad = |m: String| launch_error(kernel, SimErrorKind::Launch(m), String::new());
@@ -184,6 +188,7 @@ pub fn run(kernel: &Kernel, launch: &Launch, args: &[Arg], mem: &mut GlobalMemor
     let all = Mask::new((0..n as u32).collect());
     let mut regs = vec![0u64; kernel.regs.len() * n];
     let mut init = vec![false; kernel.regs.len() * n];
+    let mut asyncs = vec![AsyncQueue::default(); n];
 
     mem.track_writes(true);
     let mut result = Ok(());
@@ -197,16 +202,23 @@ pub fn run(kernel: &Kernel, launch: &Launch, args: &[Arg], mem: &mut GlobalMemor
                     k: kernel,
                     n,
                     ctaid: [x, y, z],
+                    linear: x + gx * (y + gy * z),
+                    interval: 0,
                     regs: std::mem::take(&mut regs),
                     init: std::mem::take(&mut init),
                     shared: &mut shared,
                     global: mem,
-                    asyncs: vec![AsyncQueue::default(); n],
+                    asyncs: std::mem::take(&mut asyncs),
                     stats: &mut stats,
                 };
                 let r = block.exec(&kernel.body, &all);
                 regs = block.regs;
                 init = block.init;
+                asyncs = block.asyncs;
+                // Copies never waited for die with their block.
+                for q in asyncs.iter_mut().filter(|q| !q.open.is_empty() || !q.committed.is_empty()) {
+                    *q = AsyncQueue::default();
+                }
                 stats.blocks += 1;
                 if let Err(e) = r {
                     result = Err(e);

@@ -149,6 +149,7 @@ pub fn width(ty: Ty) -> u32 {
 }
 
 /// The bit mask of a type's value.
+#[inline]
 pub fn mask(ty: Ty) -> u64 {
     match ty {
         Ty::Pred => 1,

@@ -222,9 +222,13 @@ impl Shared {
         Ok(&mut self.data[r])
     }
 
-    /// Marks the destination of a `cp.async` issued by thread `t` as pending.
+    /// Marks the destination of a `cp.async` issued by thread `t` as pending. The copy may land any
+    /// time from now on, so it must not race with this epoch's accesses of other threads either.
     pub fn begin_async(&mut self, t: u32, addr: u64, len: usize) -> Result<(), SimErrorKind> {
         let r = self.range(addr, len)?;
+        for b in r.clone() {
+            self.check_write(t, b)?;
+        }
         let generation = self.generation;
         for m in &mut self.meta[r] {
             if m.p_gen != generation {

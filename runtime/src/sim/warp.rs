@@ -23,7 +23,7 @@ impl<'a, 'm> Block<'a, 'm> {
                 i += 1;
             }
             if active != u32::MAX {
-                return Err(Fault { kind: SimErrorKind::InactiveLanes { warp: w, active }, thread: Some(ts[start]) });
+                return Err(Fault::new(SimErrorKind::InactiveLanes { warp: w, active }, Some(ts[start])));
             }
             warps.push(w as usize);
         }
