@@ -994,6 +994,8 @@ fn math_ops_all_forms() {
         "neg.f32 ",
         "add.rn.f32 ",
         "sub.rn.f32 ",
+        "add.rn.f64 ",
+        "sub.rn.f64 ",
         "mul.rn.f32 ",
         "div.rn.f32 ",
         "min.f32 ",
@@ -1390,4 +1392,10 @@ fn ptxas_reports_errors() {
     let bad = ".version 7.0\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n    bogus.u32 %r0;\n}\n";
     let e = ptxas::assemble(bad, "sm_80").expect_err("bogus PTX assembles");
     assert!(e.contains("ptxas -arch=sm_80 failed") && e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn empty_kernel() {
+    let text = check(&Builder::new("empty").finish());
+    assert_eq!(text, ".version 7.0\n.target sm_80\n.address_size 64\n\n.visible .entry empty()\n{\n\n    ret;\n}\n");
 }

@@ -419,4 +419,57 @@ kernel scale2(x: ptr, y: ptr, n: u32) {
 ";
         assert_eq!(text, expected);
     }
+
+    #[test]
+    fn prints_control_flow() {
+        use crate::kir::{BinOp, Operand, Reg, Stmt};
+        let mut b = Builder::new("flow");
+        b.block_size(64, 1, 1);
+        let s = b.shared("tile", 256, 16);
+        let n = b.mov(Ty::U32, 4u32.into());
+        b.for_uniform(Ty::U32, 0u32.into(), n.into(), 1u32.into(), |b, i| {
+            b.bar();
+            let a = b.index_shared(s, i.into(), 4);
+            b.st(Space::Shared, Ty::F32, a.into(), 0, 1.5f32.into());
+        });
+        b.while_(
+            |b| b.setp(Cmp::Gt, Ty::U32, n.into(), 0u32.into()),
+            |b| {
+                b.comment("count down");
+                b.bin_into(BinOp::Sub, n, 1u32.into());
+            },
+        );
+        let mut k = b.finish();
+        k.body.push(Stmt::If {
+            cond: Reg(3),
+            negate: true,
+            then: vec![],
+            else_: vec![Stmt::Inst(crate::kir::Inst::Bar)],
+            uniform: true,
+        });
+        k.body.push(Stmt::Inst(crate::kir::Inst::Mov { ty: Ty::F32, dst: Reg(9), src: Operand::DynShared }));
+        let expected = "\
+kernel flow() block(64, 1, 1) {
+    shared @tile: 256 bytes, align 16
+    r0: u32 = mov.u32 4
+    for uniform r1: u32 = 0; r1 < r0; r1 += 1 {
+        bar
+        r2: u32 = mad.u32 r1, 4, @tile
+        st.shared.f32 [r2], 1.5
+    }
+    loop {
+        r3: pred = setp.gt.u32 r0, 0
+        break unless r3
+        // count down
+        r0: u32 = sub.u32 r0, 1
+    }
+    if uniform !r3 {
+    } else {
+        bar
+    }
+    r9: ? = mov.f32 @dynamic
+}
+";
+        assert_eq!(k.to_string(), expected);
+    }
 }

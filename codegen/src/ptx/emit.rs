@@ -832,7 +832,9 @@ impl<'k> Emitter<'k> {
         let bad = || format!("{} on {ty}", bin_name(op));
         // (opcode, printed type, type of b, type of dst)
         let (opcode, pty, bty, dty) = match op {
-            // bf16 was lowered above; every other float type has `add.rn`/`sub.rn`.
+            // `.rn` like kir's `mul.rn`: an add without a rounding modifier may be fused by ptxas
+            // with a neighbouring multiply, and kir fuses only where it says `Mad` (so the sim and
+            // the GPU round alike). bf16 was lowered above.
             BinOp::Add | BinOp::Sub if float => (format!("{}.rn", bin_name(op)), ty, ty, ty),
             BinOp::Add | BinOp::Sub => (bin_name(op).to_string(), int_of(ty), ty, ty),
             BinOp::Mul if float => ("mul.rn".to_string(), ty, ty, ty),
