@@ -15,8 +15,9 @@
 //! operand either runs along the innermost dim (a vector load at a `V`-aligned index) or is constant
 //! across the `V` elements (one scalar load, broadcast); otherwise smaller powers of two are tried, down
 //! to scalar code. Vector accesses are 16 bytes (8 for bf16 operands of an f32-wide kernel); buffers
-//! are assumed 16-byte aligned (the arena aligns to 256); indices are u32 (fewer than 2³² elements). Grid: enough blocks for one step per thread
-//! (a polynomial upper bound over B, T, S); the loop makes any grid correct.
+//! are assumed 16-byte aligned (the arena aligns to 256); indices are u32 (fewer than 2³² elements).
+//! Grid: enough blocks for one step per thread (a polynomial upper bound over B, T, S); the loop
+//! makes any grid correct.
 //!
 //! **Numerics.** Storage bf16 or f32 (f16 and i32 are rejected); all math in f32, intermediate values
 //! stay f32 (only an explicit `convert` to bf16 rounds), outputs round to nearest even. `exp` is

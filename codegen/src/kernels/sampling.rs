@@ -450,7 +450,8 @@ pub fn top_k(rows: &Dim, vocab: u32, k: u32, dtype: DType) -> Result<Generated, 
             }
         });
         b.bar();
-        // Rank sort (threads loop over the k candidates): element t goes to position #{j : key_j > key_t or (equal and idx_j < idx_t)}.
+        // Rank sort (threads loop over the k candidates): element t goes to position
+        // #{j : key_j > key_t, or equal keys and idx_j < idx_t}.
         b.for_(Ty::U32, c.tid.into(), k.into(), threads.into(), |b, me| {
             let a = b.index_shared(ckey, me.into(), 4);
             let my_key = b.ld(Space::Shared, Ty::U32, Cache::None, a.into(), 0);
