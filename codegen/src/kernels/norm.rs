@@ -132,7 +132,10 @@ pub fn for_add_rmsnorm(body: &Graph) -> Result<Generated, CodegenError> {
     if !matches!(body.op(sum.node), Op::Add) {
         return Err(bad());
     }
-    let is_param = |v: &flashc_compiler::gir::Value, i: u32| matches!(body.op(v.node), Op::Input { role: InputRole::Param, index, .. } if *index == i);
+    let is_param = |v: &flashc_compiler::gir::Value, i: u32| match body.op(v.node) {
+        Op::Input { role: InputRole::Param, index, .. } => *index == i,
+        _ => false,
+    };
     let adds = body.operands(sum.node);
     if adds.len() != 2
         || !is_param(&adds[0], 0)
