@@ -8,8 +8,14 @@
 pub mod attention;
 pub mod conv;
 pub mod delta;
+pub mod elementwise;
+pub mod embed;
 pub mod gemm;
 pub mod gemv;
+pub mod logits;
+pub mod loss;
+pub mod norm;
+pub mod sampling;
 pub mod ssd;
 
 use flashc_compiler::gir::{Bindings, Dim};
