@@ -540,12 +540,9 @@ impl Elem {
     }
 }
 
-/// Whether the generated kernels declare their block size (`Kernel::block`, printed as `.maxntid`,
-/// checked by the sim at launch). Off for now: given `.maxntid` without `.minnctapersm`, ptxas 12.9
-/// caps registers to reach the next occupancy step and spills a few bytes (e.g. 32 registers and a
-/// 4-byte spill for a 1024-thread norm that needs 38). The block size is in every launch rule and
-/// in the kernel's doc; turn this on once the PTX printer emits `.minnctapersm 1` with `.maxntid`.
-pub const DECLARE_BLOCK: bool = false;
+/// Whether the generated kernels declare their block size (`Kernel::block`, printed as `.maxntid`
+/// with `.minnctapersm 1`, checked by the sim at launch).
+pub const DECLARE_BLOCK: bool = true;
 
 /// Records the block size a kernel is written for (see [`DECLARE_BLOCK`]).
 pub(crate) fn declare_block(b: &mut Builder, threads: u32) {

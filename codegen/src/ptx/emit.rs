@@ -270,7 +270,10 @@ impl<'k> Emitter<'k> {
         }
         out.push_str(if k.params.is_empty() { ")\n" } else { "\n)\n" });
         if let Some([x, y, z]) = k.block {
+            // `.minnctapersm 1` with `.maxntid`: without it ptxas caps registers to fit more blocks
+            // per SM than the kernel asks for, and spills.
             let _ = writeln!(out, ".maxntid {x}, {y}, {z}");
+            out.push_str(".minnctapersm 1\n");
         }
         out.push_str("{\n");
         for (ty, n) in &self.counts {

@@ -11,8 +11,8 @@
 //! | sm_90a | `sm_90a` | 8.0 | (wgmma, setmaxnreg: not in kir yet) |
 //!
 //! Layout of the text: header, dynamic shared memory (`.extern .shared .align 16 .b8 dsmem[];`), the
-//! kernel's doc lines as comments, `.visible .entry name(.param ...)`, `.maxntid` when the block size is
-//! fixed, then the body: register declarations grouped by type (`.reg .f32 %f<12>;`, prefixes in
+//! kernel's doc lines as comments, `.visible .entry name(.param ...)`, `.maxntid` and
+//! `.minnctapersm 1` when the block size is fixed, then the body: register declarations grouped by type (`.reg .f32 %f<12>;`, prefixes in
 //! [`names::reg_prefix`]), static `.shared` arrays, and the statements. Structured control flow
 //! becomes labels and branches (`bra.uni` where the kir statement is uniform); `For` is a rotated loop
 //! (one test before the first iteration, one at the bottom of each).
