@@ -126,8 +126,9 @@ impl Special {
     }
 }
 
-/// An instruction operand.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// An instruction operand. Equality compares f32 immediates by bit pattern, as they are printed: a
+/// NaN immediate equals itself and `-0.0` differs from `0.0`, so a kernel always equals its copy.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub enum Operand {
     Reg(Reg),
     /// An integer immediate (also used for bit patterns).
@@ -139,6 +140,21 @@ pub enum Operand {
     /// The shared-memory address of the dynamic shared memory.
     DynShared,
 }
+
+impl PartialEq for Operand {
+    fn eq(&self, other: &Operand) -> bool {
+        match (self, other) {
+            (Operand::Reg(a), Operand::Reg(b)) => a == b,
+            (Operand::Imm(a), Operand::Imm(b)) => a == b,
+            (Operand::F32(a), Operand::F32(b)) => a.to_bits() == b.to_bits(),
+            (Operand::Shared(a), Operand::Shared(b)) => a == b,
+            (Operand::DynShared, Operand::DynShared) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Operand {}
 
 impl From<Reg> for Operand {
     fn from(r: Reg) -> Operand {
@@ -421,5 +437,18 @@ impl Kernel {
     /// Static shared memory in bytes.
     pub fn static_shared_bytes(&self) -> u32 {
         self.shared.iter().map(|s| s.bytes.next_multiple_of(s.align.max(1))).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Operand;
+
+    #[test]
+    fn f32_immediates_compare_by_bits() {
+        assert_eq!(Operand::F32(f32::NAN), Operand::F32(f32::NAN));
+        assert_ne!(Operand::F32(0.0), Operand::F32(-0.0));
+        assert_eq!(Operand::F32(1.5), Operand::F32(1.5));
+        assert_ne!(Operand::F32(1.0), Operand::Imm(1.0f32.to_bits() as i64));
     }
 }
