@@ -434,15 +434,16 @@ impl Kernel {
         walk(&self.body, f);
     }
 
-    /// Static shared memory in bytes.
+    /// Static shared memory in bytes: the arrays laid out in declaration order, each at its
+    /// alignment (the layout the `sim` device uses; ptxas may pack them tighter, never looser).
     pub fn static_shared_bytes(&self) -> u32 {
-        self.shared.iter().map(|s| s.bytes.next_multiple_of(s.align.max(1))).sum()
+        self.shared.iter().fold(0, |end, s| end.next_multiple_of(s.align.max(1)) + s.bytes)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Operand;
+    use super::{Kernel, Operand, SharedArray};
 
     #[test]
     fn f32_immediates_compare_by_bits() {
@@ -450,5 +451,22 @@ mod tests {
         assert_ne!(Operand::F32(0.0), Operand::F32(-0.0));
         assert_eq!(Operand::F32(1.5), Operand::F32(1.5));
         assert_ne!(Operand::F32(1.0), Operand::Imm(1.0f32.to_bits() as i64));
+    }
+
+    #[test]
+    fn static_shared_bytes_pads_each_array_to_its_alignment() {
+        let array = |bytes, align| SharedArray { name: String::new(), bytes, align };
+        let k = Kernel {
+            name: "k".into(),
+            doc: Vec::new(),
+            params: Vec::new(),
+            regs: Vec::new(),
+            shared: vec![array(3, 1), array(4, 16), array(2, 2)],
+            dynamic_shared: false,
+            block: None,
+            body: Vec::new(),
+        };
+        // 0..3, pad to 16, 16..20, 20..22.
+        assert_eq!(k.static_shared_bytes(), 22);
     }
 }
