@@ -1,0 +1,442 @@
+//! dispatch: a program's kernel group → the generator that handles its op or fused body.
+//!
+//! [`generate`] reads the group's node in `Program::graph`, derives dtypes and shapes from the graph's
+//! types, calls the matching generator and rewrites the generator's slot numbers into the group's real
+//! buffers: inside a generator, `ArgRule::Buffer(BufferId(k))` is slot `k` of the group (its operands,
+//! then its results, then any scratch the generator needs). Operand and result slots become the
+//! group's `inputs` / `outputs`; a scratch slot becomes a placeholder id past the program's last buffer
+//! (`BufferId(buffers.len() + i)`), listed in [`Dispatched::scratch`] with its size, so a caller
+//! allocates it explicitly (dispatch never invents program buffers).
+//!
+//! Covered:
+//! - `matmul` (`trans_a = false`, `trans_b = true`, rank-2 bf16 weight) → `gemv` in decode (up to
+//!   `gemv::MAX_ROWS` rows: a decode batch of at most 8 sequences), `gemm` otherwise;
+//! - fused `[add_]rmsnorm_matmul[_epilogue]` bodies: an optional `add(p0, p1)` (its sum is a result of
+//!   the group; it is computed by an elementwise kernel first and read back by the product), an
+//!   optional `rmsnorm` prologue, one matmul, and one epilogue of `swiglu` (gate = first half of the
+//!   product), `relu2`, a bias `add` or a residual `add` → `gemv` / `gemm` with the fused prologue and
+//!   epilogue;
+//! - `rmsnorm`, `l2norm`, `gated_rmsnorm` → `norm::for_op`; fused `add_rmsnorm` → `norm::for_add_rmsnorm`;
+//! - elementwise ops and fused elementwise bodies → `elementwise::fused_elementwise`;
+//! - `embed`, `meta_prefix` → `embed::for_op`; `row_norm_logits` → `logits::for_op` (scratch `norms`);
+//!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`).
+//!
+//! Everything else returns [`DispatchError::Unsupported`] naming the group, the op and the reason.
+
+use std::fmt;
+
+use flashc_compiler::gir::{DType, Dim, Graph, InputRole, Mode, NodeId, Op, TensorType, Value};
+use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
+
+use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
+use super::gemv::{self, GemvSpec};
+use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, logits, loss, norm};
+
+/// A scratch buffer a group's kernels need besides the program's buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scratch {
+    /// The placeholder id the launch rules use (past the program's last buffer).
+    pub id: BufferId,
+    /// What it holds (`norms`, `row_loss`, ...).
+    pub what: String,
+    pub ty: TensorType,
+    pub bytes: Dim,
+}
+
+/// Every kernel group of `program`, prep first, then the step, each with its dispatch result.
+pub fn generate_all(program: &Program) -> Vec<(&KernelGroup, Result<Dispatched, DispatchError>)> {
+    program.prep.iter().chain(&program.kernels).map(|k| (k, generate(program, k))).collect()
+}
+
+/// The kernels of one group, in launch order, with their scratch buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dispatched {
+    pub kernels: Vec<Generated>,
+    pub scratch: Vec<Scratch>,
+}
+
+/// Why a group could not be generated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DispatchError {
+    Unsupported { group: String, op: String, reason: String },
+}
+
+impl fmt::Display for DispatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DispatchError::Unsupported { group, op, reason } => write!(f, "{group} (`{op}`): {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for DispatchError {}
+
+/// Generates the kernels of `group` (see the module doc).
+pub fn generate(program: &Program, group: &KernelGroup) -> Result<Dispatched, DispatchError> {
+    let g = &program.graph;
+    let err = |reason: String| DispatchError::Unsupported {
+        group: format!("{} {}", group.id, group.name),
+        op: group.name.clone(),
+        reason,
+    };
+    if !g.contains(group.node) {
+        return Err(err(format!("node {} is not in the program's graph", group.node)));
+    }
+    let op = g.op(group.node);
+    let operands: Vec<TensorType> =
+        g.operands(group.node).into_iter().map(|v| g.ty(v).cloned()).collect::<Result<_, _>>().map_err(&err)?;
+    let results = g.node(group.node).map(|n| n.types.clone()).unwrap_or_default();
+    let plan = plan(program.mode, group, op, &operands, &results).map_err(|e| match e {
+        CodegenError::Unsupported(s) => err(s),
+        CodegenError::Shape(s) => err(format!("shape: {s}")),
+    })?;
+    let slots = operands.len() + results.len();
+    if group.inputs.len() != operands.len() || group.outputs.len() != results.len() {
+        return Err(err(format!(
+            "the group has {} inputs and {} outputs for {} operands and {} results",
+            group.inputs.len(),
+            group.outputs.len(),
+            operands.len(),
+            results.len()
+        )));
+    }
+    let first_scratch = program.buffers.len();
+    let map = |k: u32| -> BufferId {
+        let k = k as usize;
+        if k < group.inputs.len() {
+            group.inputs[k]
+        } else if k < slots {
+            group.outputs[k - group.inputs.len()]
+        } else {
+            BufferId((first_scratch + k - slots) as u32)
+        }
+    };
+    let mut kernels = plan.kernels;
+    for k in &mut kernels {
+        for a in &mut k.launch.args {
+            if let ArgRule::Buffer(b) = a {
+                *a = ArgRule::Buffer(map(b.0));
+            }
+        }
+    }
+    let scratch = plan
+        .scratch
+        .into_iter()
+        .enumerate()
+        .map(|(i, (what, ty))| Scratch { id: map((slots + i) as u32), what, bytes: ty.bytes(), ty })
+        .collect();
+    Ok(Dispatched { kernels, scratch })
+}
+
+/// Generated kernels over group slots, and the scratch slots they use (in slot order).
+struct Plan {
+    kernels: Vec<Generated>,
+    scratch: Vec<(String, TensorType)>,
+}
+
+fn one(g: Generated) -> Plan {
+    Plan { kernels: vec![g], scratch: Vec::new() }
+}
+
+fn unsupported(s: impl Into<String>) -> CodegenError {
+    CodegenError::Unsupported(s.into())
+}
+
+fn plan(
+    mode: Mode,
+    group: &KernelGroup,
+    op: &Op,
+    operands: &[TensorType],
+    results: &[TensorType],
+) -> Result<Plan, CodegenError> {
+    let name = kernel_name(group);
+    match op {
+        Op::MatMul { .. } => {
+            let body = single_op_body(op, operands, results);
+            Ok(Plan { kernels: matmul_body(mode, &body, &name)?, scratch: Vec::new() })
+        }
+        Op::RmsNorm { .. } | Op::L2Norm { .. } | Op::GatedRmsNorm { .. } => Ok(one(norm::for_op(op, operands)?)),
+        Op::Embed | Op::MetaPrefix => Ok(one(embed::for_op(op, operands)?)),
+        Op::RowNormLogits => {
+            let ks = logits::for_op(op, operands)?;
+            let vocab = operands[1].shape[0].clone();
+            Ok(Plan { kernels: ks.to_vec(), scratch: vec![("norms".into(), TensorType::new(DType::F32, [vocab]))] })
+        }
+        Op::CrossEntropy => {
+            let ks = loss::for_op(op, operands)?;
+            let l = &operands[0];
+            let rows = Dim::product(&l.shape[..l.rank().saturating_sub(1)]);
+            let t = TensorType::new(DType::F32, [rows]);
+            Ok(Plan { kernels: ks.to_vec(), scratch: vec![("row_loss".into(), t.clone()), ("row_lse".into(), t)] })
+        }
+        Op::Fused(f) => fused(mode, &f.graph, &f.name, &name),
+        op if is_elementwise(op) => {
+            let body = single_op_body(op, operands, results);
+            Ok(one(elementwise::fused_elementwise(&body, &name)?))
+        }
+        other => Err(unsupported(format!("no generator for the op `{}` yet", other.name()))),
+    }
+}
+
+/// The kernel name of a group: `k12_rmsnorm_matmul`.
+fn kernel_name(group: &KernelGroup) -> String {
+    format!("{}_{}", group.id, group.name)
+}
+
+fn is_elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Add
+            | Op::Mul
+            | Op::Scale { .. }
+            | Op::Silu
+            | Op::Softplus
+            | Op::Exp
+            | Op::Sigmoid
+            | Op::Neg
+            | Op::Relu2
+            | Op::Gelu
+            | Op::Swiglu
+            | Op::Clamp { .. }
+            | Op::Convert { .. }
+    )
+}
+
+/// A body graph holding one op over params `p0..`, its results the body's outputs.
+fn single_op_body(op: &Op, operands: &[TensorType], results: &[TensorType]) -> Graph {
+    let mut g = Graph::new(op.name());
+    let params: Vec<Value> = operands
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let n = g.add_leaf(Op::Input { name: format!("p{i}"), role: InputRole::Param, index: i as u32 }, t.clone());
+            Value::from(n)
+        })
+        .collect();
+    let n = g.add_typed(op.clone(), results.to_vec(), &params);
+    for i in 0..results.len() {
+        g.set_output(i.to_string(), Value::new(n, i as u16));
+    }
+    g
+}
+
+fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, CodegenError> {
+    let ids = body.node_ids();
+    let compute: Vec<NodeId> = ids.iter().copied().filter(|n| !matches!(body.op(*n), Op::Input { .. })).collect();
+    if compute.iter().any(|n| matches!(body.op(*n), Op::MatMul { .. })) {
+        return Ok(Plan { kernels: matmul_body(mode, body, name)?, scratch: Vec::new() });
+    }
+    let has = |f: fn(&Op) -> bool| compute.iter().any(|n| f(body.op(*n)));
+    if has(|o| matches!(o, Op::RmsNorm { .. })) && has(|o| matches!(o, Op::Add)) && compute.len() == 2 {
+        return Ok(one(norm::for_add_rmsnorm(body)?));
+    }
+    if compute.iter().all(|n| is_elementwise(body.op(*n)) || matches!(body.op(*n), Op::Reshape { .. })) {
+        return Ok(one(elementwise::fused_elementwise(body, name)?));
+    }
+    let ops: Vec<&str> = compute.iter().map(|n| body.op(*n).name()).collect();
+    Err(unsupported(format!("no generator for the fused body `{body_name}` ({}) yet", ops.join(", "))))
+}
+
+/// The param index of a body value, if it is a param.
+fn param_index(body: &Graph, v: Value) -> Option<u32> {
+    match body.op(v.node) {
+        Op::Input { role: InputRole::Param, index, .. } => Some(*index),
+        _ => None,
+    }
+}
+
+/// Follows reshapes back to the value they view.
+fn unview(body: &Graph, mut v: Value) -> Value {
+    while matches!(body.op(v.node), Op::Reshape { .. }) {
+        match body.operands(v.node).first() {
+            Some(o) => v = *o,
+            None => break,
+        }
+    }
+    v
+}
+
+/// The only user of `v` that is not a reshape, following reshapes forward.
+fn sole_user(body: &Graph, mut v: Value) -> Option<(NodeId, u16, Value)> {
+    loop {
+        let users = body.users(v);
+        if users.len() != 1 {
+            return None;
+        }
+        let (n, slot) = users[0];
+        if matches!(body.op(n), Op::Reshape { .. }) {
+            v = Value::from(n);
+        } else {
+            return Some((n, slot, v));
+        }
+    }
+}
+
+/// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] matmul(·, W) [→ epilogue]`, as one GEMV /
+/// GEMM kernel (after an elementwise kernel for the sum, when there is an add).
+fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let out_slot = |v: Value| -> Result<u32, CodegenError> {
+        body.outputs()
+            .iter()
+            .position(|(_, o)| unview(body, *o) == v || *o == v)
+            .map(|i| np + i as u32)
+            .ok_or_else(|| unsupported("a value the kernel must write is not a result of the group"))
+    };
+    let mms: Vec<NodeId> = body.node_ids().into_iter().filter(|n| matches!(body.op(*n), Op::MatMul { .. })).collect();
+    let [mm] = mms[..] else { return Err(unsupported(format!("{} matmuls in one body", mms.len()))) };
+    let Op::MatMul { trans_a: false, trans_b: true } = body.op(mm) else {
+        return Err(unsupported("only `matmul[trans_a=false, trans_b=true]` (A · Wᵀ) has a generator"));
+    };
+    let ops = body.operands(mm);
+    let (a, w) = (unview(body, ops[0]), unview(body, ops[1]));
+    let w_slot = param_index(body, w).ok_or_else(|| unsupported("the weight of the product is not an operand"))?;
+    let wt = &params[w_slot as usize];
+    if wt.rank() != 2 {
+        return Err(unsupported(format!("the weight {wt} is not rank 2")));
+    }
+    if wt.dtype != DType::Bf16 {
+        return Err(unsupported(format!("GEMV / GEMM are bf16 only, the weight is {}", wt.dtype.name())));
+    }
+    let (n, k) = (wt.shape[0].clone(), wt.shape[1].clone());
+
+    // Prologue: rmsnorm of A, maybe of a sum.
+    let mut pre = Vec::new();
+    let mut norm_w = None;
+    let mut prologue = GemmPrologue::None;
+    let a_slot = if let Some(p) = param_index(body, a) {
+        p
+    } else if let Op::RmsNorm { eps } = body.op(a.node) {
+        let nops = body.operands(a.node);
+        let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]));
+        norm_w = Some(param_index(body, nw).ok_or_else(|| unsupported("the norm weight is not an operand"))?);
+        prologue = GemmPrologue::RmsNorm { eps: *eps as f32 };
+        if let Some(p) = param_index(body, x) {
+            p
+        } else if matches!(body.op(x.node), Op::Add) {
+            let aops = body.operands(x.node);
+            let (p0, p1) = (unview(body, aops[0]), unview(body, aops[1]));
+            let (Some(i0), Some(i1)) = (param_index(body, p0), param_index(body, p1)) else {
+                return Err(unsupported("the residual add before the norm does not add two operands"));
+            };
+            let sum_slot = out_slot(x)?;
+            let t0 = &params[i0 as usize];
+            let t1 = &params[i1 as usize];
+            let sum_ty = body.ty(x).map_err(CodegenError::Shape)?.clone();
+            if t0.numel() != sum_ty.numel() || t1.numel() != sum_ty.numel() {
+                return Err(unsupported("the residual add broadcasts"));
+            }
+            let add = single_op_body(&Op::Add, &[t0.clone(), t1.clone()], &[sum_ty]);
+            let mut g = elementwise::fused_elementwise(&add, &format!("{name}_add"))?;
+            let remap = |s: u32| match s {
+                0 => i0,
+                1 => i1,
+                _ => sum_slot,
+            };
+            for arg in &mut g.launch.args {
+                if let ArgRule::Buffer(b) = arg {
+                    *arg = ArgRule::Buffer(BufferId(remap(b.0)));
+                }
+            }
+            pre.push(g);
+            sum_slot
+        } else {
+            return Err(unsupported(format!("the norm reads a `{}`, not an operand or a sum", body.op(x.node).name())));
+        }
+    } else {
+        return Err(unsupported(format!("the product reads a `{}` (no such prologue)", body.op(a.node).name())));
+    };
+    let at = &params.get(a_slot as usize).cloned().or_else(|| body.ty(a).ok().cloned()).unwrap_or(wt.clone());
+    let m = Dim::product(&at.shape[..at.rank().saturating_sub(1)]);
+    let m = if m.as_const().is_some() || at.rank() > 1 { m } else { Dim::constant(1) };
+
+    // Epilogue.
+    let mut epilogue = GemmEpilogue::None;
+    let mut bias = None;
+    let mut residual = None;
+    let mm_v = Value::from(mm);
+    let out = match sole_user(body, mm_v) {
+        None => out_slot(mm_v)?,
+        Some((u, _, via)) => match body.op(u) {
+            Op::Split { sizes, .. } => {
+                let uses: Vec<(NodeId, u16)> =
+                    (0..sizes.len() as u16).flat_map(|r| body.users(Value::new(u, r))).collect();
+                let [(sw, _), (sw2, _)] = uses[..] else {
+                    return Err(unsupported("the split halves are not both read by one swiglu"));
+                };
+                if sw != sw2 || !matches!(body.op(sw), Op::Swiglu) || sizes.len() != 2 {
+                    return Err(unsupported("a split of the product that is not a swiglu of its two halves"));
+                }
+                let sops = body.operands(sw);
+                if sops[0] != Value::new(u, 0) {
+                    return Err(unsupported(
+                        "swiglu gates with the second half of the product; the GEMM SwiGLU epilogue takes \
+                         the gate from the first half (W rows 0..N/2)",
+                    ));
+                }
+                epilogue = GemmEpilogue::Swiglu;
+                out_slot(Value::from(sw))?
+            }
+            Op::Relu2 => {
+                epilogue = GemmEpilogue::Relu2;
+                out_slot(Value::from(u))?
+            }
+            Op::Add => {
+                let aops = body.operands(u);
+                let other = if unview(body, aops[0]) == unview(body, via) { aops[1] } else { aops[0] };
+                let p = param_index(body, unview(body, other))
+                    .ok_or_else(|| unsupported("the product is added to a value that is not an operand"))?;
+                let pt = &params[p as usize];
+                if pt.rank() == 1 {
+                    epilogue = GemmEpilogue::Bias;
+                    bias = Some(p);
+                } else {
+                    epilogue = GemmEpilogue::Residual;
+                    residual = Some(p);
+                }
+                let res = Value::from(u);
+                if sole_user(body, res).is_some() {
+                    return Err(unsupported("more than one epilogue after the product"));
+                }
+                out_slot(res)?
+            }
+            other => {
+                return Err(unsupported(format!("no `{}` epilogue in the GEMM generators", other.name())));
+            }
+        },
+    };
+    let slot = |s: Option<u32>| s.map(BufferId);
+    let operands = GemmOperands {
+        a: BufferId(a_slot),
+        w: BufferId(w_slot),
+        out: BufferId(out),
+        norm_w: slot(norm_w),
+        bias: slot(bias),
+        residual: slot(residual),
+        start: None,
+        inv_freq: None,
+    };
+    let main = if mode == Mode::Decode {
+        gemv::gemv(&GemvSpec {
+            name: name.to_string(),
+            dtype: DType::Bf16,
+            prologue,
+            epilogue,
+            max_rows: gemv::MAX_ROWS,
+            split_k: None,
+            m,
+            n,
+            k,
+            operands,
+        })?
+    } else {
+        let mut spec = GemmSpec::new(name, m, n, k);
+        spec.prologue = prologue;
+        spec.epilogue = epilogue;
+        spec.operands = operands;
+        gemm::gemm(&spec)?
+    };
+    pre.push(main);
+    Ok(pre)
+}
