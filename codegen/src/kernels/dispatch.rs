@@ -18,6 +18,10 @@
 //!   epilogue;
 //! - `rmsnorm`, `l2norm`, `gated_rmsnorm` → `norm::for_op`; fused `add_rmsnorm` → `norm::for_add_rmsnorm`;
 //! - elementwise ops and fused elementwise bodies → `elementwise::fused_elementwise`;
+//! - `conv1d` / `conv1d_update` and fused `conv_silu` → `conv::conv1d` / `conv::conv1d_update`;
+//! - `attention_prefill` → `attention::attention_prefill` (attention, then the cache write); the
+//!   decode `attention_step` body (`kv_write`s + `attention_decode`) → `attention::kv_write`, then
+//!   `attention::attention_decode` (partials and combine; scratch `part_o`, `part_lse`);
 //! - `embed`, `meta_prefix` → `embed::for_op`; `row_norm_logits` → `logits::for_op` (scratch `norms`);
 //!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`).
 //!
@@ -28,6 +32,8 @@ use std::fmt;
 use flashc_compiler::gir::{DType, Dim, Graph, InputRole, Mode, NodeId, Op, TensorType, Value};
 use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
 
+use super::attention::{self, DecodeOperands, DecodeSpec, KvWriteSpec, PrefillOperands, PrefillSpec};
+use super::conv::{self, ConvOperands, ConvSpec};
 use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
 use super::gemv::{self, GemvSpec};
 use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, logits, loss, norm};
@@ -169,6 +175,25 @@ fn plan(
             let t = TensorType::new(DType::F32, [rows]);
             Ok(Plan { kernels: ks.to_vec(), scratch: vec![("row_loss".into(), t.clone()), ("row_lse".into(), t)] })
         }
+        Op::Conv1d { .. } | Op::Conv1dUpdate { .. } => {
+            let body = single_op_body(op, operands, results);
+            Ok(one(conv_body(&body, &name)?))
+        }
+        Op::AttentionPrefill { window, scale } => {
+            let dim = |t: usize, i: usize, what: &str| cst_u32(&operands[t].shape[i], what);
+            let spec = PrefillSpec {
+                name: name.clone(),
+                q_heads: dim(0, 2, "query heads")?,
+                kv_heads: dim(1, 2, "kv heads")?,
+                head_dim: dim(0, 3, "head dim")?,
+                tokens: operands[0].shape[1].clone(),
+                capacity: operands[3].shape[1].clone(),
+                window: *window,
+                scale: *scale,
+                operands: PrefillOperands::numbered(),
+            };
+            Ok(Plan { kernels: attention::attention_prefill(&spec)?, scratch: Vec::new() })
+        }
         Op::Fused(f) => fused(mode, &f.graph, &f.name, &name),
         op if is_elementwise(op) => {
             let body = single_op_body(op, operands, results);
@@ -226,6 +251,14 @@ fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, 
     if compute.iter().any(|n| matches!(body.op(*n), Op::MatMul { .. })) {
         return Ok(Plan { kernels: matmul_body(mode, body, name)?, scratch: Vec::new() });
     }
+    let ops_named = |what: &str| compute.iter().copied().filter(|n| body.op(*n).name() == what).collect::<Vec<_>>();
+    if !ops_named("attention_decode").is_empty() {
+        return attention_step(body, name);
+    }
+    let recurrent = !ops_named("ssd_step").is_empty() || !ops_named("delta_step").is_empty();
+    if !recurrent && (!ops_named("conv1d").is_empty() || !ops_named("conv1d_update").is_empty()) {
+        return Ok(one(conv_body(body, name)?));
+    }
     let has = |f: fn(&Op) -> bool| compute.iter().any(|n| f(body.op(*n)));
     if has(|o| matches!(o, Op::RmsNorm { .. })) && has(|o| matches!(o, Op::Add)) && compute.len() == 2 {
         return Ok(one(norm::for_add_rmsnorm(body)?));
@@ -272,18 +305,173 @@ fn sole_user(body: &Graph, mut v: Value) -> Option<(NodeId, u16, Value)> {
     }
 }
 
+fn cst_u32(d: &Dim, what: &str) -> Result<u32, CodegenError> {
+    d.as_const()
+        .and_then(|c| u32::try_from(c).ok())
+        .ok_or_else(|| CodegenError::Shape(format!("{what} must be a constant, found {d}")))
+}
+
+/// The result slot of body value `v` (or of a reshape of it), numbered after the `np` params.
+fn result_slot(body: &Graph, np: u32, v: Value) -> Result<u32, CodegenError> {
+    body.outputs()
+        .iter()
+        .position(|(_, o)| *o == v || unview(body, *o) == v)
+        .map(|i| np + i as u32)
+        .ok_or_else(|| unsupported("a value the kernel must write is not a result of the group"))
+}
+
+/// The param index of `v` (through reshapes), or an error naming `what`.
+fn param_of(body: &Graph, v: Value, what: &str) -> Result<u32, CodegenError> {
+    param_index(body, unview(body, v)).ok_or_else(|| unsupported(format!("the {what} is not an operand of the group")))
+}
+
+/// `conv1d` / `conv1d_update`, optionally followed by `silu` (`conv_silu`), → `conv::conv1d` /
+/// `conv::conv1d_update`.
+fn conv_body(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let convs: Vec<NodeId> = body
+        .node_ids()
+        .into_iter()
+        .filter(|n| matches!(body.op(*n), Op::Conv1d { .. } | Op::Conv1dUpdate { .. }))
+        .collect();
+    let [c] = convs[..] else { return Err(unsupported(format!("{} convolutions in one body", convs.len()))) };
+    let (update, bias) = match body.op(c) {
+        Op::Conv1d { bias } => (false, *bias),
+        Op::Conv1dUpdate { bias } => (true, *bias),
+        other => return Err(unsupported(format!("`{}` is not a convolution", other.name()))),
+    };
+    let ops = body.operands(c);
+    let x = param_of(body, ops[0], "convolution input")?;
+    let w = param_of(body, ops[1], "convolution weight")?;
+    let state = param_of(body, ops[2], "convolution state")?;
+    let lens = if update { None } else { Some(param_of(body, ops[3], "lens")?) };
+    let bias_slot = if bias { Some(param_of(body, ops[if update { 3 } else { 4 }], "bias")?) } else { None };
+    let y = Value::new(c, 0);
+    let (silu, y_slot) = match sole_user(body, y) {
+        Some((u, _, _)) if matches!(body.op(u), Op::Silu) => (true, result_slot(body, np, Value::from(u))?),
+        Some((u, _, _)) => return Err(unsupported(format!("a `{}` after the convolution", body.op(u).name()))),
+        None => (false, result_slot(body, np, y)?),
+    };
+    let new_state = body.outputs().iter().any(|(_, o)| *o == Value::new(c, 1));
+    if !new_state {
+        return Err(unsupported("the new convolution state is not a result of the group"));
+    }
+    let xt = &params[x as usize];
+    let wt = &params[w as usize];
+    let mut spec = ConvSpec::new(name, cst_u32(&wt.shape[0], "channels")?, cst_u32(&wt.shape[1], "width")?, bias);
+    spec.dtype = xt.dtype;
+    spec.silu = silu;
+    spec.batch = xt.shape[0].clone();
+    if !update {
+        spec.tokens = xt.shape[1].clone();
+    }
+    spec.operands = ConvOperands {
+        x: BufferId(x),
+        w: BufferId(w),
+        state: BufferId(state),
+        lens: BufferId(lens.unwrap_or(state)),
+        bias: bias_slot.map(BufferId),
+        y: BufferId(y_slot),
+    };
+    if update { conv::conv1d_update(&spec) } else { conv::conv1d(&spec) }
+}
+
+/// The decode `attention_step` body: `kv_write`s of the new keys and values, then
+/// `attention_decode` over the updated caches → `kv_write` (both pairs), the split-KV partials and
+/// the combine, with the two f32 workspaces as scratch.
+fn attention_step(body: &Graph, name: &str) -> Result<Plan, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let nout = body.outputs().len() as u32;
+    let ids = body.node_ids();
+    let attn: Vec<NodeId> = ids.iter().copied().filter(|n| matches!(body.op(*n), Op::AttentionDecode { .. })).collect();
+    let [a] = attn[..] else { return Err(unsupported(format!("{} attention_decode nodes in one body", attn.len()))) };
+    let Op::AttentionDecode { window, scale } = body.op(a) else {
+        return Err(unsupported("no attention_decode in the body"));
+    };
+    let ops = body.operands(a);
+    let q = param_of(body, ops[0], "query")?;
+    let start = param_of(body, ops[3], "start")?;
+    // Each cache is a param, or a kv_write of a param with new keys (written first).
+    let mut pairs = Vec::new();
+    let mut caches = [0u32; 2];
+    let mut tokens = None;
+    for (i, c) in [ops[1], ops[2]].into_iter().enumerate() {
+        let c = unview(body, c);
+        if let Some(p) = param_index(body, c) {
+            caches[i] = p;
+        } else if matches!(body.op(c.node), Op::KvWrite) {
+            let wops = body.operands(c.node);
+            let cache = param_of(body, wops[0], "cache")?;
+            let new = param_of(body, wops[1], "new keys")?;
+            if param_of(body, wops[2], "start")? != start {
+                return Err(unsupported("kv_write and attention_decode read different starts"));
+            }
+            tokens = Some(body.ty(wops[1]).map_err(CodegenError::Shape)?.shape[1].clone());
+            pairs.push((BufferId(cache), BufferId(new)));
+            caches[i] = cache;
+        } else {
+            return Err(unsupported(format!("the attention reads a cache from `{}`", body.op(c.node).name())));
+        }
+    }
+    let o = result_slot(body, np, Value::from(a))?;
+    let qt = body.ty(unview(body, ops[0])).map_err(CodegenError::Shape)?;
+    let qt = if qt.rank() == 4 { qt.clone() } else { body.ty(ops[0]).map_err(CodegenError::Shape)?.clone() };
+    let kt = &params[caches[0] as usize];
+    let (q_heads, head_dim) = match qt.rank() {
+        4 => (cst_u32(&qt.shape[2], "query heads")?, cst_u32(&qt.shape[3], "head dim")?),
+        3 => (cst_u32(&qt.shape[1], "query heads")?, cst_u32(&qt.shape[2], "head dim")?),
+        _ => return Err(CodegenError::Shape(format!("query {qt}"))),
+    };
+    let kv_heads = cst_u32(&kt.shape[2], "kv heads")?;
+    let capacity = kt.shape[1].clone();
+    let mut kernels = Vec::new();
+    if !pairs.is_empty() {
+        kernels.push(attention::kv_write(&KvWriteSpec {
+            name: format!("{name}_kv_write"),
+            kv_heads,
+            head_dim,
+            tokens: tokens.unwrap_or(Dim::constant(1)),
+            capacity: capacity.clone(),
+            pairs,
+            start: BufferId(start),
+            lens: None,
+        })?);
+    }
+    let (part_o, part_lse) = (np + nout, np + nout + 1);
+    let spec = DecodeSpec {
+        name: name.to_string(),
+        q_heads,
+        kv_heads,
+        head_dim,
+        capacity,
+        window: *window,
+        scale: *scale,
+        max_splits: None,
+        min_chunk: attention::MIN_CHUNK,
+        operands: DecodeOperands {
+            q: BufferId(q),
+            kcache: BufferId(caches[0]),
+            vcache: BufferId(caches[1]),
+            start: BufferId(start),
+            o: BufferId(o),
+            part_o: BufferId(part_o),
+            part_lse: BufferId(part_lse),
+        },
+    };
+    let (po, pl) = attention::decode_workspace(&spec)?;
+    kernels.extend(attention::attention_decode(&spec)?);
+    let f32_bytes = |d: Dim| TensorType::new(DType::F32, [d.div_exact(4).unwrap_or(d)]);
+    Ok(Plan { kernels, scratch: vec![("part_o".into(), f32_bytes(po)), ("part_lse".into(), f32_bytes(pl))] })
+}
+
 /// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] matmul(·, W) [→ epilogue]`, as one GEMV /
 /// GEMM kernel (after an elementwise kernel for the sum, when there is an add).
 fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, CodegenError> {
     let params = body.params();
     let np = params.len() as u32;
-    let out_slot = |v: Value| -> Result<u32, CodegenError> {
-        body.outputs()
-            .iter()
-            .position(|(_, o)| unview(body, *o) == v || *o == v)
-            .map(|i| np + i as u32)
-            .ok_or_else(|| unsupported("a value the kernel must write is not a result of the group"))
-    };
+    let out_slot = |v: Value| result_slot(body, np, v);
     let mms: Vec<NodeId> = body.node_ids().into_iter().filter(|n| matches!(body.op(*n), Op::MatMul { .. })).collect();
     let [mm] = mms[..] else { return Err(unsupported(format!("{} matmuls in one body", mms.len()))) };
     let Op::MatMul { trans_a: false, trans_b: true } = body.op(mm) else {
