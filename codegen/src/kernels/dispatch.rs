@@ -22,6 +22,7 @@
 //! - `attention_prefill` → `attention::attention_prefill` (attention, then the cache write); the
 //!   decode `attention_step` body (`kv_write`s + `attention_decode`) → `attention::kv_write`, then
 //!   `attention::attention_decode` (partials and combine; scratch `part_o`, `part_lse`);
+//! - `ssd_scan` → `ssd::ssd_scan`; `delta_scan` → `delta::delta_scan`;
 //! - `embed`, `meta_prefix` → `embed::for_op`; `row_norm_logits` → `logits::for_op` (scratch `norms`);
 //!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`).
 //!
@@ -34,8 +35,10 @@ use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
 
 use super::attention::{self, DecodeOperands, DecodeSpec, KvWriteSpec, PrefillOperands, PrefillSpec};
 use super::conv::{self, ConvOperands, ConvSpec};
+use super::delta::{self, DeltaScanOperands, DeltaScanSpec};
 use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
 use super::gemv::{self, GemvSpec};
+use super::ssd::{self, SsdDims, SsdScanSpec};
 use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, logits, loss, norm};
 
 /// A scratch buffer a group's kernels need besides the program's buffers.
@@ -180,6 +183,7 @@ fn plan(
             Ok(one(conv_body(&body, &name)?))
         }
         Op::AttentionPrefill { window, scale } => {
+            need_bf16("attention", operands.iter().take(5))?;
             let dim = |t: usize, i: usize, what: &str| cst_u32(&operands[t].shape[i], what);
             let spec = PrefillSpec {
                 name: name.clone(),
@@ -193,6 +197,48 @@ fn plan(
                 operands: PrefillOperands::numbered(),
             };
             Ok(Plan { kernels: attention::attention_prefill(&spec)?, scratch: Vec::new() })
+        }
+        Op::SsdScan { chunk } => {
+            let x = &operands[0];
+            let dims = SsdDims {
+                heads: cst_u32(&x.shape[2], "heads")?,
+                head_dim: cst_u32(&x.shape[3], "head dim")?,
+                groups: cst_u32(&operands[3].shape[2], "groups")?,
+                state: cst_u32(&operands[3].shape[3], "state width")?,
+            };
+            let chunk = u32::try_from(*chunk).unwrap_or(u32::MAX).min(ssd::SCAN_MAX_CHUNK);
+            let mut spec = SsdScanSpec::new(&name, dims, chunk);
+            spec.dtype = x.dtype;
+            spec.batch = x.shape[0].clone();
+            spec.tokens = x.shape[1].clone();
+            Ok(one(ssd::ssd_scan(&spec)?))
+        }
+        Op::DeltaScan { chunk, scale, gated } => {
+            let (q, v) = (&operands[0], &operands[2]);
+            need_bf16("delta_scan", operands.iter().take(if *gated { 5 } else { 4 }))?;
+            let mut spec = DeltaScanSpec::new(
+                &name,
+                cst_u32(&q.shape[2], "heads")?,
+                cst_u32(&q.shape[3], "dk")?,
+                cst_u32(&v.shape[3], "dv")?,
+                *gated,
+            );
+            spec.chunk = u32::try_from(*chunk).unwrap_or(64).min(64);
+            spec.scale = *scale as f32;
+            spec.batch = q.shape[0].clone();
+            spec.tokens = q.shape[1].clone();
+            let g = u32::from(*gated);
+            spec.operands = DeltaScanOperands {
+                q: BufferId(0),
+                k: BufferId(1),
+                v: BufferId(2),
+                beta: BufferId(3),
+                g: gated.then_some(BufferId(4)),
+                state: BufferId(4 + g),
+                lens: BufferId(5 + g),
+                o: BufferId(6 + g),
+            };
+            Ok(one(delta::delta_scan(&spec)?))
         }
         Op::Fused(f) => fused(mode, &f.graph, &f.name, &name),
         op if is_elementwise(op) => {
@@ -302,6 +348,14 @@ fn sole_user(body: &Graph, mut v: Value) -> Option<(NodeId, u16, Value)> {
         } else {
             return Some((n, slot, v));
         }
+    }
+}
+
+/// Rejects a generator that is written for bf16 storage only when a tensor is of another type.
+fn need_bf16<'a>(what: &str, tys: impl IntoIterator<Item = &'a TensorType>) -> Result<(), CodegenError> {
+    match tys.into_iter().find(|t| t.dtype != DType::Bf16) {
+        Some(t) => Err(unsupported(format!("the {what} generator is bf16 only, found {t}"))),
+        None => Ok(()),
     }
 }
 
@@ -424,6 +478,7 @@ fn attention_step(body: &Graph, name: &str) -> Result<Plan, CodegenError> {
         3 => (cst_u32(&qt.shape[1], "query heads")?, cst_u32(&qt.shape[2], "head dim")?),
         _ => return Err(CodegenError::Shape(format!("query {qt}"))),
     };
+    need_bf16("attention", [&qt, kt, &params[caches[1] as usize]])?;
     let kv_heads = cst_u32(&kt.shape[2], "kv heads")?;
     let capacity = kt.shape[1].clone();
     let mut kernels = Vec::new();
@@ -536,6 +591,7 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, C
         return Err(unsupported(format!("the product reads a `{}` (no such prologue)", body.op(a.node).name())));
     };
     let at = &params.get(a_slot as usize).cloned().or_else(|| body.ty(a).ok().cloned()).unwrap_or(wt.clone());
+    need_bf16("GEMV / GEMM", [at])?;
     let m = Dim::product(&at.shape[..at.rank().saturating_sub(1)]);
     let m = if m.as_const().is_some() || at.rank() > 1 { m } else { Dim::constant(1) };
 
@@ -594,6 +650,11 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, C
             }
         },
     };
+    let out_ty = body.outputs().get((out - np) as usize).and_then(|(_, v)| body.ty(*v).ok()).cloned();
+    need_bf16(
+        "GEMV / GEMM",
+        out_ty.iter().chain(bias.iter().chain(&residual).chain(&norm_w).map(|p| &params[*p as usize])),
+    )?;
     let slot = |s: Option<u32>| s.map(BufferId);
     let operands = GemmOperands {
         a: BufferId(a_slot),
