@@ -1,7 +1,7 @@
 //! The dispatcher over the examples' programs: for every example in prefill and decode it never
 //! panics, every kernel it generates prints to PTX deterministically, the group slots of every launch
 //! rule name real program buffers (or listed scratch), and coverage stays at least what it was
-//! measured at. With ptxas, the kernels of tiny-hybrid and nemotron-flash-1b decode assemble for
+//! measured at. With ptxas, the kernels of tiny-hybrid decode and nemotron-flash-1b decode and prefill assemble for
 //! sm_80 (`FLASHC_REQUIRE_PTXAS=1` turns a missing ptxas into a failure).
 
 use flashc_codegen::kernels::ArgRule;
@@ -99,14 +99,16 @@ fn coverage_does_not_regress() {
 }
 
 #[test]
-fn decode_kernels_assemble_for_sm80() {
+fn kernels_assemble_for_sm80() {
     if ptxas::find().is_none() {
         assert!(!ptxas::require(), "FLASHC_REQUIRE_PTXAS=1 but ptxas was not found (scripts/install-ptxas.sh)");
         eprintln!("SKIPPED: ptxas not found (scripts/install-ptxas.sh)");
         return;
     }
-    for name in ["tiny-hybrid", "nemotron-flash-1b"] {
-        let p = program(name, Mode::Decode);
+    for (name, mode) in
+        [("tiny-hybrid", Mode::Decode), ("nemotron-flash-1b", Mode::Decode), ("nemotron-flash-1b", Mode::Prefill)]
+    {
+        let p = program(name, mode);
         let mut seen = std::collections::BTreeSet::new();
         for (group, result) in dispatch::generate_all(&p) {
             let Ok(d) = result else { continue };
