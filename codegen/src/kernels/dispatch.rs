@@ -22,6 +22,7 @@
 //! - `attention_prefill` → `attention::attention_prefill` (attention, then the cache write); the
 //!   decode `attention_step` body (`kv_write`s + `attention_decode`) → `attention::kv_write`, then
 //!   `attention::attention_decode` (partials and combine; scratch `part_o`, `part_lse`);
+//! - the decode `mamba2_step` body → `ssd::mamba2_step` (one kernel);
 //! - `ssd_scan` → `ssd::ssd_scan`; `delta_scan` → `delta::delta_scan`;
 //! - `embed`, `meta_prefix` → `embed::for_op`; `row_norm_logits` → `logits::for_op` (scratch `norms`);
 //!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`).
@@ -38,7 +39,7 @@ use super::conv::{self, ConvOperands, ConvSpec};
 use super::delta::{self, DeltaScanOperands, DeltaScanSpec};
 use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
 use super::gemv::{self, GemvSpec};
-use super::ssd::{self, SsdDims, SsdScanSpec};
+use super::ssd::{self, Mamba2Operands, Mamba2StepSpec, SsdDims, SsdScanSpec};
 use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, logits, loss, norm};
 
 /// A scratch buffer a group's kernels need besides the program's buffers.
@@ -298,6 +299,9 @@ fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, 
         return Ok(Plan { kernels: matmul_body(mode, body, name)?, scratch: Vec::new() });
     }
     let ops_named = |what: &str| compute.iter().copied().filter(|n| body.op(*n).name() == what).collect::<Vec<_>>();
+    if !ops_named("ssd_step").is_empty() {
+        return Ok(one(mamba2_step(body, name)?));
+    }
     if !ops_named("attention_decode").is_empty() {
         return attention_step(body, name);
     }
@@ -519,6 +523,129 @@ fn attention_step(body: &Graph, name: &str) -> Result<Plan, CodegenError> {
     kernels.extend(attention::attention_decode(&spec)?);
     let f32_bytes = |d: Dim| TensorType::new(DType::F32, [d.div_exact(4).unwrap_or(d)]);
     Ok(Plan { kernels, scratch: vec![("part_o".into(), f32_bytes(po)), ("part_lse".into(), f32_bytes(pl))] })
+}
+
+/// The value feeding `v` through reshapes, as `(split node, result index)` when it is a split result.
+fn split_part(body: &Graph, v: Value) -> Option<(NodeId, u16)> {
+    let v = unview(body, v);
+    matches!(body.op(v.node), Op::Split { .. }).then_some((v.node, v.result))
+}
+
+/// The decode `mamba2_step` body (fuse-decode-mixer): the in-proj row `zxbcdt` split into
+/// `[z, xBC, dt]`, `dt = softplus(dt + dt_bias)` (optionally clamped), `conv1d_update` + SiLU of
+/// xBC split into `[x, B, C]`, `ssd_step`, then `gated_rmsnorm(y, z)` → `ssd::mamba2_step` (one
+/// kernel). Every link is checked; a body of another shape is reported unsupported.
+fn mamba2_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let find = |what: &str| body.node_ids().into_iter().filter(|n| body.op(*n).name() == what).collect::<Vec<_>>();
+    let bad = |s: &str| unsupported(format!("mamba2_step body: {s}"));
+    let (ssd_nodes, conv_nodes, norm_nodes) = (find("ssd_step"), find("conv1d_update"), find("gated_rmsnorm"));
+    let ([ss], [cv], [gn]) = (&ssd_nodes[..], &conv_nodes[..], &norm_nodes[..]) else {
+        return Err(bad("expected one ssd_step, one conv1d_update and one gated_rmsnorm"));
+    };
+    let (ss, cv, gn) = (*ss, *cv, *gn);
+    let Op::Conv1dUpdate { bias } = body.op(cv) else { return Err(bad("no conv1d_update")) };
+    let Op::GatedRmsNorm { eps, group, norm_before_gate } = body.op(gn) else {
+        return Err(bad("no gated_rmsnorm"));
+    };
+    let sops = body.operands(ss);
+    let cops = body.operands(cv);
+    let nops = body.operands(gn);
+    // zxbcdt = [z | xBC | dt]
+    let (zsplit, zi) =
+        split_part(body, nops[1]).ok_or_else(|| bad("the norm gate is not a split of the in-proj row"))?;
+    let (csplit, ci) =
+        split_part(body, cops[0]).ok_or_else(|| bad("the conv input is not a split of the in-proj row"))?;
+    if zsplit != csplit || zi != 0 || ci != 1 {
+        return Err(bad("the in-proj row is not split as [z, xBC, dt]"));
+    }
+    let zxbcdt = param_of(body, body.operands(zsplit)[0], "in-proj row")?;
+    // dt = [clamp](softplus(add(dt_raw, dt_bias)))
+    let mut dt = unview(body, sops[1]);
+    let (mut dt_min, mut dt_max) = (None, None);
+    if let Op::Clamp { min, max } = body.op(dt.node) {
+        dt_min = min.map(|m| m as f32);
+        dt_max = max.map(|m| m as f32);
+        dt = unview(body, body.operands(dt.node)[0]);
+    }
+    if !matches!(body.op(dt.node), Op::Softplus) {
+        return Err(bad("dt is not a softplus"));
+    }
+    let add = unview(body, body.operands(dt.node)[0]);
+    if !matches!(body.op(add.node), Op::Add) {
+        return Err(bad("dt is not softplus(dt + dt_bias)"));
+    }
+    let aops = body.operands(add.node);
+    if split_part(body, aops[0]) != Some((zsplit, 2)) {
+        return Err(bad("dt is not the third part of the in-proj row"));
+    }
+    let dt_bias = param_of(body, aops[1], "dt bias")?;
+    // conv + silu, split into [x, B, C]
+    let conv_w = param_of(body, cops[1], "conv weight")?;
+    let conv_state = param_of(body, cops[2], "conv state")?;
+    let conv_bias = if *bias { Some(param_of(body, cops[3], "conv bias")?) } else { None };
+    let xs = split_part(body, sops[0]);
+    let bs = split_part(body, sops[3]);
+    let cs = split_part(body, sops[4]);
+    let (Some((xsplit, 0)), Some((bsplit, 1)), Some((csplit2, 2))) = (xs, bs, cs) else {
+        return Err(bad("the ssd_step's x, B, C are not the parts of one split"));
+    };
+    if xsplit != bsplit || xsplit != csplit2 {
+        return Err(bad("the ssd_step's x, B, C come from different splits"));
+    }
+    let silu = unview(body, body.operands(xsplit)[0]);
+    if !matches!(body.op(silu.node), Op::Silu) || unview(body, body.operands(silu.node)[0]) != Value::new(cv, 0) {
+        return Err(bad("x, B, C are not a split of silu(conv1d_update(..))"));
+    }
+    let a = param_of(body, sops[2], "A")?;
+    let d = param_of(body, sops[5], "D")?;
+    let state = param_of(body, sops[6], "ssm state")?;
+    if unview(body, nops[0]) != Value::new(ss, 0) {
+        return Err(bad("the norm does not read the ssd_step output"));
+    }
+    let norm_w = param_of(body, nops[2], "norm weight")?;
+    let y = result_slot(body, np, Value::from(gn))?;
+    for v in [Value::new(cv, 1), Value::new(ss, 1)] {
+        if !body.outputs().iter().any(|(_, o)| *o == v) {
+            return Err(bad("a state update is not a result of the group"));
+        }
+    }
+    // Dims: x [B, H, P], B [B, G, N] (through reshapes, from the split sizes).
+    let xt = body.ty(sops[0]).map_err(CodegenError::Shape)?;
+    let bt = body.ty(sops[3]).map_err(CodegenError::Shape)?;
+    if xt.rank() != 3 || bt.rank() != 3 {
+        return Err(bad("unexpected ssd_step operand ranks"));
+    }
+    let dims = SsdDims {
+        heads: cst_u32(&xt.shape[1], "heads")?,
+        head_dim: cst_u32(&xt.shape[2], "head dim")?,
+        groups: cst_u32(&bt.shape[1], "groups")?,
+        state: cst_u32(&bt.shape[2], "state width")?,
+    };
+    let zt = &params[zxbcdt as usize];
+    let mut spec = Mamba2StepSpec::new(name, dims);
+    spec.dtype = zt.dtype;
+    spec.conv_width = cst_u32(&params[conv_w as usize].shape[1], "conv width")?;
+    spec.dt_min = dt_min;
+    spec.dt_max = dt_max;
+    spec.norm_eps = *eps as f32;
+    spec.norm_group = u32::try_from(*group).map_err(|_| CodegenError::Shape(format!("norm group {group}")))?;
+    spec.norm_before_gate = *norm_before_gate;
+    spec.batch = zt.shape[0].clone();
+    spec.operands = Mamba2Operands {
+        zxbcdt: BufferId(zxbcdt),
+        dt_bias: BufferId(dt_bias),
+        conv_w: BufferId(conv_w),
+        conv_state: BufferId(conv_state),
+        conv_bias: conv_bias.map(BufferId),
+        a: BufferId(a),
+        d: BufferId(d),
+        state: BufferId(state),
+        norm_w: BufferId(norm_w),
+        y: BufferId(y),
+    };
+    ssd::mamba2_step(&spec)
 }
 
 /// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] matmul(·, W) [→ epilogue]`, as one GEMV /
