@@ -302,6 +302,13 @@ fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, 
     if !ops_named("ssd_step").is_empty() {
         return Ok(one(mamba2_step(body, name)?));
     }
+    if !ops_named("delta_step").is_empty() {
+        return Err(unsupported(
+            "deltanet_step: q, k, v and β are column views at offsets of one projection row, and a launch \
+             rule cannot pass a buffer at an element offset (ArgRule::Buffer has no offset); \
+             delta::deltanet_step needs them as separate buffers",
+        ));
+    }
     if !ops_named("attention_decode").is_empty() {
         return attention_step(body, name);
     }
