@@ -15,7 +15,7 @@
 //!   the group; it is computed by an elementwise kernel first and read back by the product), an
 //!   optional `rmsnorm` prologue, one matmul, and one epilogue of `swiglu` (gate = first half of the
 //!   product), `relu2`, a bias `add` or a residual `add` → `gemv` / `gemm` with the fused prologue and
-//!   epilogue;
+//!   epilogue; a `gated_rmsnorm` before the product runs as its own kernel into a scratch A;
 //! - `rmsnorm`, `l2norm`, `gated_rmsnorm` → `norm::for_op`; fused `add_rmsnorm` → `norm::for_add_rmsnorm`;
 //! - elementwise ops and fused elementwise bodies → `elementwise::fused_elementwise`;
 //! - `conv1d` / `conv1d_update` and fused `conv_silu` → `conv::conv1d` / `conv::conv1d_update`;
@@ -163,7 +163,7 @@ fn plan(
     match op {
         Op::MatMul { .. } => {
             let body = single_op_body(op, operands, results);
-            Ok(Plan { kernels: matmul_body(mode, &body, &name)?, scratch: Vec::new() })
+            matmul_body(mode, &body, &name)
         }
         Op::RmsNorm { .. } | Op::L2Norm { .. } | Op::GatedRmsNorm { .. } => Ok(one(norm::for_op(op, operands)?)),
         Op::Embed | Op::MetaPrefix => Ok(one(embed::for_op(op, operands)?)),
@@ -296,7 +296,7 @@ fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, 
     let ids = body.node_ids();
     let compute: Vec<NodeId> = ids.iter().copied().filter(|n| !matches!(body.op(*n), Op::Input { .. })).collect();
     if compute.iter().any(|n| matches!(body.op(*n), Op::MatMul { .. })) {
-        return Ok(Plan { kernels: matmul_body(mode, body, name)?, scratch: Vec::new() });
+        return matmul_body(mode, body, name);
     }
     let ops_named = |what: &str| compute.iter().copied().filter(|n| body.op(*n).name() == what).collect::<Vec<_>>();
     if !ops_named("ssd_step").is_empty() {
@@ -657,7 +657,7 @@ fn mamba2_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
 
 /// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] matmul(·, W) [→ epilogue]`, as one GEMV /
 /// GEMM kernel (after an elementwise kernel for the sum, when there is an add).
-fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, CodegenError> {
+fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenError> {
     let params = body.params();
     let np = params.len() as u32;
     let out_slot = |v: Value| result_slot(body, np, v);
@@ -682,8 +682,31 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, C
     let mut pre = Vec::new();
     let mut norm_w = None;
     let mut prologue = GemmPrologue::None;
+    let mut scratch = Vec::new();
     let a_slot = if let Some(p) = param_index(body, a) {
         p
+    } else if let Op::GatedRmsNorm { eps, group, norm_before_gate } = body.op(a.node) {
+        // No gated-norm prologue in the GEMM generators: the norm writes a scratch A first.
+        let nops = body.operands(a.node);
+        let y = param_of(body, nops[0], "norm input")?;
+        let z = param_of(body, nops[1], "norm gate")?;
+        let nw = param_of(body, nops[2], "norm weight")?;
+        let yt = &params[y as usize];
+        let width = yt.shape.last().ok_or_else(|| CodegenError::Shape(format!("norm input {yt}")))?;
+        let width = cst_u32(width, "the normalised width")?;
+        let rows = Dim::product(&yt.shape[..yt.rank() - 1]);
+        let group = u32::try_from(*group).map_err(|_| CodegenError::Shape(format!("norm group {group}")))?;
+        let mut g =
+            norm::gated_rmsnorm(&rows, width, yt.dtype, params[nw as usize].dtype, *eps, group, *norm_before_gate)?;
+        let a_scratch = np + body.outputs().len() as u32;
+        for arg in &mut g.launch.args {
+            if let ArgRule::Buffer(b) = arg {
+                *arg = ArgRule::Buffer(BufferId([y, z, nw, a_scratch][b.0.min(3) as usize]));
+            }
+        }
+        pre.push(g);
+        scratch.push(("normed A".to_string(), body.ty(a).map_err(CodegenError::Shape)?.clone()));
+        a_scratch
     } else if let Op::RmsNorm { eps } = body.op(a.node) {
         let nops = body.operands(a.node);
         let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]));
@@ -724,7 +747,12 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, C
     } else {
         return Err(unsupported(format!("the product reads a `{}` (no such prologue)", body.op(a.node).name())));
     };
-    let at = &params.get(a_slot as usize).cloned().or_else(|| body.ty(a).ok().cloned()).unwrap_or(wt.clone());
+    let at = &params
+        .get(a_slot as usize)
+        .filter(|_| a_slot < np)
+        .cloned()
+        .or_else(|| body.ty(a).ok().cloned())
+        .unwrap_or(wt.clone());
     need_bf16("GEMV / GEMM", [at])?;
     let m = Dim::product(&at.shape[..at.rank().saturating_sub(1)]);
     let m = if m.as_const().is_some() || at.rank() > 1 { m } else { Dim::constant(1) };
@@ -821,5 +849,5 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Vec<Generated>, C
         gemm::gemm(&spec)?
     };
     pre.push(main);
-    Ok(pre)
+    Ok(Plan { kernels: pre, scratch })
 }
