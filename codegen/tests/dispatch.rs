@@ -1,4 +1,4 @@
-//! The dispatcher over the examples' programs: for every example in prefill and decode it never
+//! The dispatcher over the examples' programs: for every example in prefill, decode and train it never
 //! panics, every kernel it generates prints to PTX deterministically, the group slots of every launch
 //! rule name real program buffers (or listed scratch), and coverage stays at least what it was
 //! measured at. With ptxas, the kernels of tiny-hybrid decode and nemotron-flash-1b decode and prefill assemble for
@@ -73,7 +73,7 @@ fn check(name: &str, mode: Mode) -> (usize, usize, Vec<(String, String)>) {
 #[test]
 fn every_example_dispatches_without_panicking() {
     for name in examples() {
-        for mode in [Mode::Prefill, Mode::Decode] {
+        for mode in [Mode::Prefill, Mode::Decode, Mode::Train] {
             let (n, m, _) = check(&name, mode);
             println!("{name:<28} {:<8} {n:>4} of {m:>4} kernel groups generated", mode.name());
         }

@@ -768,11 +768,27 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
             Op::Split { sizes, .. } => {
                 let uses: Vec<(NodeId, u16)> =
                     (0..sizes.len() as u16).flat_map(|r| body.users(Value::new(u, r))).collect();
+                let readers = || {
+                    let mut names: Vec<&str> = uses.iter().map(|(n, _)| body.op(*n).name()).collect();
+                    names.dedup();
+                    names.join(", ")
+                };
                 let [(sw, _), (sw2, _)] = uses[..] else {
-                    return Err(unsupported("the split halves are not both read by one swiglu"));
+                    return Err(unsupported(format!(
+                        "the product is split into {} parts read by [{}] (group results or further ops); the \
+                         GEMV / GEMM generators write one output (their epilogues: bias, residual, relu2, \
+                         swiglu)",
+                        sizes.len(),
+                        readers()
+                    )));
                 };
                 if sw != sw2 || !matches!(body.op(sw), Op::Swiglu) || sizes.len() != 2 {
-                    return Err(unsupported("a split of the product that is not a swiglu of its two halves"));
+                    return Err(unsupported(format!(
+                        "the product is split into {} parts read by [{}]; only a swiglu of two halves is a \
+                         GEMV / GEMM epilogue (no rope or qk-norm epilogue in the GEMV)",
+                        sizes.len(),
+                        readers()
+                    )));
                 }
                 let sops = body.operands(sw);
                 if sops[0] != Value::new(u, 0) {
