@@ -303,6 +303,9 @@ fn kernels_text(p: &flashc_compiler::schedule::Program, ptx: bool) -> Result<Str
             Ok(d) => {
                 generated += 1;
                 let _ = writeln!(text, "// {} {}: {} kernel(s)", group.id, group.name, d.kernels.len());
+                if let Some(m) = d.max_rows {
+                    let _ = writeln!(text, "// at most {m} rows (batch × tokens)");
+                }
                 for s in &d.scratch {
                     let _ = writeln!(text, "// scratch {} {}: {} ({} bytes)", s.id, s.what, s.ty, s.bytes);
                 }

@@ -63,6 +63,9 @@ pub fn generate_all(program: &Program) -> Vec<(&KernelGroup, Result<Dispatched, 
 pub struct Dispatched {
     pub kernels: Vec<Generated>,
     pub scratch: Vec<Scratch>,
+    /// The most rows (M = batch × tokens) the kernels compute, when they have a limit (the decode
+    /// GEMV: `gemv::MAX_ROWS`); a launcher with more rows must not use them.
+    pub max_rows: Option<u32>,
 }
 
 /// Why a group could not be generated.
@@ -135,17 +138,18 @@ pub fn generate(program: &Program, group: &KernelGroup) -> Result<Dispatched, Di
         .enumerate()
         .map(|(i, (what, ty))| Scratch { id: map((slots + i) as u32), what, bytes: ty.bytes(), ty })
         .collect();
-    Ok(Dispatched { kernels, scratch })
+    Ok(Dispatched { kernels, scratch, max_rows: plan.max_rows })
 }
 
 /// Generated kernels over group slots, and the scratch slots they use (in slot order).
 struct Plan {
     kernels: Vec<Generated>,
     scratch: Vec<(String, TensorType)>,
+    max_rows: Option<u32>,
 }
 
 fn one(g: Generated) -> Plan {
-    Plan { kernels: vec![g], scratch: Vec::new() }
+    Plan { kernels: vec![g], scratch: Vec::new(), max_rows: None }
 }
 
 fn unsupported(s: impl Into<String>) -> CodegenError {
@@ -170,14 +174,22 @@ fn plan(
         Op::RowNormLogits => {
             let ks = logits::for_op(op, operands)?;
             let vocab = operands[1].shape[0].clone();
-            Ok(Plan { kernels: ks.to_vec(), scratch: vec![("norms".into(), TensorType::new(DType::F32, [vocab]))] })
+            Ok(Plan {
+                kernels: ks.to_vec(),
+                scratch: vec![("norms".into(), TensorType::new(DType::F32, [vocab]))],
+                max_rows: None,
+            })
         }
         Op::CrossEntropy => {
             let ks = loss::for_op(op, operands)?;
             let l = &operands[0];
             let rows = Dim::product(&l.shape[..l.rank().saturating_sub(1)]);
             let t = TensorType::new(DType::F32, [rows]);
-            Ok(Plan { kernels: ks.to_vec(), scratch: vec![("row_loss".into(), t.clone()), ("row_lse".into(), t)] })
+            Ok(Plan {
+                kernels: ks.to_vec(),
+                scratch: vec![("row_loss".into(), t.clone()), ("row_lse".into(), t)],
+                max_rows: None,
+            })
         }
         Op::Conv1d { .. } | Op::Conv1dUpdate { .. } => {
             let body = single_op_body(op, operands, results);
@@ -197,7 +209,7 @@ fn plan(
                 scale: *scale,
                 operands: PrefillOperands::numbered(),
             };
-            Ok(Plan { kernels: attention::attention_prefill(&spec)?, scratch: Vec::new() })
+            Ok(Plan { kernels: attention::attention_prefill(&spec)?, scratch: Vec::new(), max_rows: None })
         }
         Op::SsdScan { chunk } => {
             let x = &operands[0];
@@ -529,7 +541,11 @@ fn attention_step(body: &Graph, name: &str) -> Result<Plan, CodegenError> {
     let (po, pl) = attention::decode_workspace(&spec)?;
     kernels.extend(attention::attention_decode(&spec)?);
     let f32_bytes = |d: Dim| TensorType::new(DType::F32, [d.div_exact(4).unwrap_or(d)]);
-    Ok(Plan { kernels, scratch: vec![("part_o".into(), f32_bytes(po)), ("part_lse".into(), f32_bytes(pl))] })
+    Ok(Plan {
+        kernels,
+        scratch: vec![("part_o".into(), f32_bytes(po)), ("part_lse".into(), f32_bytes(pl))],
+        max_rows: None,
+    })
 }
 
 /// The value feeding `v` through reshapes, as `(split node, result index)` when it is a split result.
@@ -865,5 +881,5 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         gemm::gemm(&spec)?
     };
     pre.push(main);
-    Ok(Plan { kernels: pre, scratch })
+    Ok(Plan { kernels: pre, scratch, max_rows: (mode == Mode::Decode).then_some(gemv::MAX_ROWS) })
 }
