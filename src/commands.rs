@@ -278,10 +278,58 @@ pub fn compile(file: &Path, opts: &CompileOptions, out: Option<&Path>) -> CmdRes
             flashc_codegen::host::write_string(&p, &flashc_codegen::host::Options::default())
                 .map_err(|e| fail(format!("internal error while generating the host schedule: {e}")))?
         }
+        Emit::Kir | Emit::Ptx => {
+            let (spec, _) = load_spec(file)?;
+            let g = build_gir(&spec, opts)?;
+            let p = schedule(&g).map_err(|e| fail(format!("internal error while scheduling: {e}")))?;
+            kernels_text(&p, emit == Emit::Ptx)?
+        }
     };
     let dest = out.map(|p| p.display().to_string());
     output::emit(&text, out)
         .map_err(|e| fail(format!("cannot write `{}`: {e}", dest.unwrap_or_else(|| "standard output".to_string()))))
+}
+
+/// The kernels of every group of `p` (prep, then the step) as kir or PTX; a group without a generator
+/// is one comment line with the reason. Prints the coverage to standard error.
+fn kernels_text(p: &flashc_compiler::schedule::Program, ptx: bool) -> Result<String, Failed> {
+    use flashc_codegen::kernels::dispatch;
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let all = dispatch::generate_all(p);
+    let mut generated = 0;
+    for (group, result) in &all {
+        match result {
+            Ok(d) => {
+                generated += 1;
+                let _ = writeln!(text, "// {} {}: {} kernel(s)", group.id, group.name, d.kernels.len());
+                if let Some(m) = d.max_rows {
+                    let _ = writeln!(text, "// at most {m} rows (batch × tokens)");
+                }
+                for s in &d.scratch {
+                    let _ = writeln!(text, "// scratch {} {}: {} ({} bytes)", s.id, s.what, s.ty, s.bytes);
+                }
+                for k in &d.kernels {
+                    if ptx {
+                        let module =
+                            flashc_codegen::ptx::write_string(&k.kernel, &flashc_codegen::ptx::Options::default())
+                                .map_err(|e| fail(format!("internal error while writing PTX: {e}")))?;
+                        text.push_str(&module);
+                    } else {
+                        let _ = write!(text, "{}", k.kernel);
+                    }
+                    if !text.ends_with('\n') {
+                        text.push('\n');
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(text, "// {} {}: not generated: {e}", group.id, group.name);
+            }
+        }
+    }
+    eprintln!("{generated} of {} kernel groups generated", all.len());
+    Ok(text)
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Failed> {

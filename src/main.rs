@@ -243,6 +243,11 @@ enum Emit {
     Program,
     /// The host schedule as Cranelift IR (the code that launches the program's kernels).
     Clif,
+    /// The kernels of every kernel group as kir (prep, then the step); groups without a generator
+    /// yet appear as a comment line.
+    Kir,
+    /// The kernels of every kernel group as PTX modules (prep, then the step).
+    Ptx,
 }
 
 /// Compilation modes.

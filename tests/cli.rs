@@ -156,6 +156,24 @@ fn compile_emits_gir_and_program_with_debug_knobs() {
 }
 
 #[test]
+fn compile_emits_kir_and_ptx_with_a_coverage_summary() {
+    for emit in ["kir", "ptx"] {
+        let args = ["compile", "examples/nemotron-flash-1b.arch", "--emit", emit, "--mode", "decode"];
+        let out = flashc(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(" of 93 kernel groups generated"), "{stderr}");
+        let listing = text(&out.stdout);
+        assert!(listing.contains("// k0 exp: 1 kernel(s)"), "{listing}");
+        assert!(listing.contains(": not generated: "), "uncovered groups are listed");
+        if emit == "ptx" {
+            assert!(listing.contains(".visible .entry"), "no PTX entry");
+        }
+        assert_eq!(flashc(&args).stdout, out.stdout, "--emit {emit} is not deterministic");
+    }
+}
+
+#[test]
 fn import_hf_writes_a_checkable_model() {
     let dir = scratch("import");
     let dest = dir.join("qwen.arch");

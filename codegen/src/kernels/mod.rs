@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod conv;
 pub mod delta;
+pub mod dispatch;
 pub mod elementwise;
 pub mod embed;
 pub mod gemm;

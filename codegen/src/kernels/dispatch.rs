@@ -1,0 +1,885 @@
+//! dispatch: a program's kernel group → the generator that handles its op or fused body.
+//!
+//! [`generate`] reads the group's node in `Program::graph`, derives dtypes and shapes from the graph's
+//! types, calls the matching generator and rewrites the generator's slot numbers into the group's real
+//! buffers: inside a generator, `ArgRule::Buffer(BufferId(k))` is slot `k` of the group (its operands,
+//! then its results, then any scratch the generator needs). Operand and result slots become the
+//! group's `inputs` / `outputs`; a scratch slot becomes a placeholder id past the program's last buffer
+//! (`BufferId(buffers.len() + i)`), listed in [`Dispatched::scratch`] with its size, so a caller
+//! allocates it explicitly (dispatch never invents program buffers).
+//!
+//! Covered:
+//! - `matmul` (`trans_a = false`, `trans_b = true`, rank-2 bf16 weight) → `gemv` in decode (up to
+//!   `gemv::MAX_ROWS` rows: a decode batch of at most 8 sequences), `gemm` otherwise;
+//! - fused `[add_]rmsnorm_matmul[_epilogue]` bodies: an optional `add(p0, p1)` (its sum is a result of
+//!   the group; it is computed by an elementwise kernel first and read back by the product), an
+//!   optional `rmsnorm` prologue, one matmul, and one epilogue of `swiglu` (gate = first half of the
+//!   product), `relu2`, a bias `add` or a residual `add` → `gemv` / `gemm` with the fused prologue and
+//!   epilogue; a `gated_rmsnorm` before the product runs as its own kernel into a scratch A;
+//! - `rmsnorm`, `l2norm`, `gated_rmsnorm` → `norm::for_op`; fused `add_rmsnorm` → `norm::for_add_rmsnorm`;
+//! - elementwise ops and fused elementwise bodies → `elementwise::fused_elementwise`;
+//! - `conv1d` / `conv1d_update` and fused `conv_silu` → `conv::conv1d` / `conv::conv1d_update`;
+//! - `attention_prefill` → `attention::attention_prefill` (attention, then the cache write); the
+//!   decode `attention_step` body (`kv_write`s + `attention_decode`) → `attention::kv_write`, then
+//!   `attention::attention_decode` (partials and combine; scratch `part_o`, `part_lse`);
+//! - the decode `mamba2_step` body → `ssd::mamba2_step` (one kernel);
+//! - `ssd_scan` → `ssd::ssd_scan`; `delta_scan` → `delta::delta_scan`;
+//! - `embed`, `meta_prefix` → `embed::for_op`; `row_norm_logits` → `logits::for_op` (scratch `norms`);
+//!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`).
+//!
+//! Everything else returns [`DispatchError::Unsupported`] naming the group, the op and the reason.
+
+use std::fmt;
+
+use flashc_compiler::gir::{DType, Dim, Graph, InputRole, Mode, NodeId, Op, TensorType, Value};
+use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
+
+use super::attention::{self, DecodeOperands, DecodeSpec, KvWriteSpec, PrefillOperands, PrefillSpec};
+use super::conv::{self, ConvOperands, ConvSpec};
+use super::delta::{self, DeltaScanOperands, DeltaScanSpec};
+use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
+use super::gemv::{self, GemvSpec};
+use super::ssd::{self, Mamba2Operands, Mamba2StepSpec, SsdDims, SsdScanSpec};
+use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, logits, loss, norm};
+
+/// A scratch buffer a group's kernels need besides the program's buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scratch {
+    /// The placeholder id the launch rules use (past the program's last buffer).
+    pub id: BufferId,
+    /// What it holds (`norms`, `row_loss`, ...).
+    pub what: String,
+    pub ty: TensorType,
+    pub bytes: Dim,
+}
+
+/// Every kernel group of `program`, prep first, then the step, each with its dispatch result.
+pub fn generate_all(program: &Program) -> Vec<(&KernelGroup, Result<Dispatched, DispatchError>)> {
+    program.prep.iter().chain(&program.kernels).map(|k| (k, generate(program, k))).collect()
+}
+
+/// The kernels of one group, in launch order, with their scratch buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dispatched {
+    pub kernels: Vec<Generated>,
+    pub scratch: Vec<Scratch>,
+    /// The most rows (M = batch × tokens) the kernels compute, when they have a limit (the decode
+    /// GEMV: `gemv::MAX_ROWS`); a launcher with more rows must not use them.
+    pub max_rows: Option<u32>,
+}
+
+/// Why a group could not be generated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DispatchError {
+    Unsupported { group: String, op: String, reason: String },
+}
+
+impl fmt::Display for DispatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DispatchError::Unsupported { group, op, reason } => write!(f, "{group} (`{op}`): {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for DispatchError {}
+
+/// Generates the kernels of `group` (see the module doc).
+pub fn generate(program: &Program, group: &KernelGroup) -> Result<Dispatched, DispatchError> {
+    let g = &program.graph;
+    let err = |reason: String| DispatchError::Unsupported {
+        group: format!("{} {}", group.id, group.name),
+        op: group.name.clone(),
+        reason,
+    };
+    if !g.contains(group.node) {
+        return Err(err(format!("node {} is not in the program's graph", group.node)));
+    }
+    let op = g.op(group.node);
+    let operands: Vec<TensorType> =
+        g.operands(group.node).into_iter().map(|v| g.ty(v).cloned()).collect::<Result<_, _>>().map_err(&err)?;
+    let results = g.node(group.node).map(|n| n.types.clone()).unwrap_or_default();
+    let plan = plan(program.mode, group, op, &operands, &results).map_err(|e| match e {
+        CodegenError::Unsupported(s) => err(s),
+        CodegenError::Shape(s) => err(format!("shape: {s}")),
+    })?;
+    let slots = operands.len() + results.len();
+    if group.inputs.len() != operands.len() || group.outputs.len() != results.len() {
+        return Err(err(format!(
+            "the group has {} inputs and {} outputs for {} operands and {} results",
+            group.inputs.len(),
+            group.outputs.len(),
+            operands.len(),
+            results.len()
+        )));
+    }
+    let first_scratch = program.buffers.len();
+    let map = |k: u32| -> BufferId {
+        let k = k as usize;
+        if k < group.inputs.len() {
+            group.inputs[k]
+        } else if k < slots {
+            group.outputs[k - group.inputs.len()]
+        } else {
+            BufferId((first_scratch + k - slots) as u32)
+        }
+    };
+    let mut kernels = plan.kernels;
+    for k in &mut kernels {
+        for a in &mut k.launch.args {
+            if let ArgRule::Buffer(b) = a {
+                *a = ArgRule::Buffer(map(b.0));
+            }
+        }
+    }
+    let scratch = plan
+        .scratch
+        .into_iter()
+        .enumerate()
+        .map(|(i, (what, ty))| Scratch { id: map((slots + i) as u32), what, bytes: ty.bytes(), ty })
+        .collect();
+    Ok(Dispatched { kernels, scratch, max_rows: plan.max_rows })
+}
+
+/// Generated kernels over group slots, and the scratch slots they use (in slot order).
+struct Plan {
+    kernels: Vec<Generated>,
+    scratch: Vec<(String, TensorType)>,
+    max_rows: Option<u32>,
+}
+
+fn one(g: Generated) -> Plan {
+    Plan { kernels: vec![g], scratch: Vec::new(), max_rows: None }
+}
+
+fn unsupported(s: impl Into<String>) -> CodegenError {
+    CodegenError::Unsupported(s.into())
+}
+
+fn plan(
+    mode: Mode,
+    group: &KernelGroup,
+    op: &Op,
+    operands: &[TensorType],
+    results: &[TensorType],
+) -> Result<Plan, CodegenError> {
+    let name = kernel_name(group);
+    match op {
+        Op::MatMul { .. } => {
+            let body = single_op_body(op, operands, results);
+            matmul_body(mode, &body, &name)
+        }
+        Op::RmsNorm { .. } | Op::L2Norm { .. } | Op::GatedRmsNorm { .. } => Ok(one(norm::for_op(op, operands)?)),
+        Op::Embed | Op::MetaPrefix => Ok(one(embed::for_op(op, operands)?)),
+        Op::RowNormLogits => {
+            let ks = logits::for_op(op, operands)?;
+            let vocab = operands[1].shape[0].clone();
+            Ok(Plan {
+                kernels: ks.to_vec(),
+                scratch: vec![("norms".into(), TensorType::new(DType::F32, [vocab]))],
+                max_rows: None,
+            })
+        }
+        Op::CrossEntropy => {
+            let ks = loss::for_op(op, operands)?;
+            let l = &operands[0];
+            let rows = Dim::product(&l.shape[..l.rank().saturating_sub(1)]);
+            let t = TensorType::new(DType::F32, [rows]);
+            Ok(Plan {
+                kernels: ks.to_vec(),
+                scratch: vec![("row_loss".into(), t.clone()), ("row_lse".into(), t)],
+                max_rows: None,
+            })
+        }
+        Op::Conv1d { .. } | Op::Conv1dUpdate { .. } => {
+            let body = single_op_body(op, operands, results);
+            Ok(one(conv_body(&body, &name)?))
+        }
+        Op::AttentionPrefill { window, scale } => {
+            need_bf16("attention", operands.iter().take(5))?;
+            let dim = |t: usize, i: usize, what: &str| cst_u32(&operands[t].shape[i], what);
+            let spec = PrefillSpec {
+                name: name.clone(),
+                q_heads: dim(0, 2, "query heads")?,
+                kv_heads: dim(1, 2, "kv heads")?,
+                head_dim: dim(0, 3, "head dim")?,
+                tokens: operands[0].shape[1].clone(),
+                capacity: operands[3].shape[1].clone(),
+                window: *window,
+                scale: *scale,
+                operands: PrefillOperands::numbered(),
+            };
+            Ok(Plan { kernels: attention::attention_prefill(&spec)?, scratch: Vec::new(), max_rows: None })
+        }
+        Op::SsdScan { chunk } => {
+            let x = &operands[0];
+            let dims = SsdDims {
+                heads: cst_u32(&x.shape[2], "heads")?,
+                head_dim: cst_u32(&x.shape[3], "head dim")?,
+                groups: cst_u32(&operands[3].shape[2], "groups")?,
+                state: cst_u32(&operands[3].shape[3], "state width")?,
+            };
+            let chunk = u32::try_from(*chunk).unwrap_or(u32::MAX).min(ssd::SCAN_MAX_CHUNK);
+            let mut spec = SsdScanSpec::new(&name, dims, chunk);
+            spec.dtype = x.dtype;
+            spec.batch = x.shape[0].clone();
+            spec.tokens = x.shape[1].clone();
+            Ok(one(ssd::ssd_scan(&spec)?))
+        }
+        Op::DeltaScan { chunk, scale, gated } => {
+            let (q, v) = (&operands[0], &operands[2]);
+            need_bf16("delta_scan", operands.iter().take(if *gated { 5 } else { 4 }))?;
+            let mut spec = DeltaScanSpec::new(
+                &name,
+                cst_u32(&q.shape[2], "heads")?,
+                cst_u32(&q.shape[3], "dk")?,
+                cst_u32(&v.shape[3], "dv")?,
+                *gated,
+            );
+            spec.chunk = u32::try_from(*chunk).unwrap_or(64).min(64);
+            spec.scale = *scale as f32;
+            spec.batch = q.shape[0].clone();
+            spec.tokens = q.shape[1].clone();
+            let g = u32::from(*gated);
+            spec.operands = DeltaScanOperands {
+                q: BufferId(0),
+                k: BufferId(1),
+                v: BufferId(2),
+                beta: BufferId(3),
+                g: gated.then_some(BufferId(4)),
+                state: BufferId(4 + g),
+                lens: BufferId(5 + g),
+                o: BufferId(6 + g),
+            };
+            Ok(one(delta::delta_scan(&spec)?))
+        }
+        Op::Fused(f) => fused(mode, &f.graph, &f.name, &name),
+        op if is_elementwise(op) => {
+            let body = single_op_body(op, operands, results);
+            Ok(one(elementwise::fused_elementwise(&body, &name)?))
+        }
+        other => Err(unsupported(format!("no generator for the op `{}` yet", other.name()))),
+    }
+}
+
+/// The kernel name of a group: `k12_rmsnorm_matmul`.
+fn kernel_name(group: &KernelGroup) -> String {
+    format!("{}_{}", group.id, group.name)
+}
+
+fn is_elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Add
+            | Op::Mul
+            | Op::Scale { .. }
+            | Op::Silu
+            | Op::Softplus
+            | Op::Exp
+            | Op::Sigmoid
+            | Op::Neg
+            | Op::Relu2
+            | Op::Gelu
+            | Op::Swiglu
+            | Op::Clamp { .. }
+            | Op::Convert { .. }
+    )
+}
+
+/// A body graph holding one op over params `p0..`, its results the body's outputs.
+fn single_op_body(op: &Op, operands: &[TensorType], results: &[TensorType]) -> Graph {
+    let mut g = Graph::new(op.name());
+    let params: Vec<Value> = operands
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let n = g.add_leaf(Op::Input { name: format!("p{i}"), role: InputRole::Param, index: i as u32 }, t.clone());
+            Value::from(n)
+        })
+        .collect();
+    let n = g.add_typed(op.clone(), results.to_vec(), &params);
+    for i in 0..results.len() {
+        g.set_output(i.to_string(), Value::new(n, i as u16));
+    }
+    g
+}
+
+fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, CodegenError> {
+    let ids = body.node_ids();
+    let compute: Vec<NodeId> = ids.iter().copied().filter(|n| !matches!(body.op(*n), Op::Input { .. })).collect();
+    if compute.iter().any(|n| matches!(body.op(*n), Op::MatMul { .. })) {
+        return matmul_body(mode, body, name);
+    }
+    let ops_named = |what: &str| compute.iter().copied().filter(|n| body.op(*n).name() == what).collect::<Vec<_>>();
+    if !ops_named("ssd_step").is_empty() {
+        return Ok(one(mamba2_step(body, name)?));
+    }
+    if !ops_named("delta_step").is_empty() {
+        return Err(unsupported(
+            "deltanet_step: q, k, v and β are column views at offsets of one projection row, and a launch \
+             rule cannot pass a buffer at an element offset (ArgRule::Buffer has no offset); \
+             delta::deltanet_step needs them as separate buffers",
+        ));
+    }
+    if !ops_named("attention_decode").is_empty() {
+        return attention_step(body, name);
+    }
+    let recurrent = !ops_named("ssd_step").is_empty() || !ops_named("delta_step").is_empty();
+    if !recurrent && (!ops_named("conv1d").is_empty() || !ops_named("conv1d_update").is_empty()) {
+        return Ok(one(conv_body(body, name)?));
+    }
+    let has = |f: fn(&Op) -> bool| compute.iter().any(|n| f(body.op(*n)));
+    if has(|o| matches!(o, Op::RmsNorm { .. })) && has(|o| matches!(o, Op::Add)) && compute.len() == 2 {
+        return Ok(one(norm::for_add_rmsnorm(body)?));
+    }
+    if compute.iter().all(|n| is_elementwise(body.op(*n)) || matches!(body.op(*n), Op::Reshape { .. })) {
+        return Ok(one(elementwise::fused_elementwise(body, name)?));
+    }
+    let ops: Vec<&str> = compute.iter().map(|n| body.op(*n).name()).collect();
+    Err(unsupported(format!("no generator for the fused body `{body_name}` ({}) yet", ops.join(", "))))
+}
+
+/// The param index of a body value, if it is a param.
+fn param_index(body: &Graph, v: Value) -> Option<u32> {
+    match body.op(v.node) {
+        Op::Input { role: InputRole::Param, index, .. } => Some(*index),
+        _ => None,
+    }
+}
+
+/// Follows reshapes back to the value they view.
+fn unview(body: &Graph, mut v: Value) -> Value {
+    while matches!(body.op(v.node), Op::Reshape { .. }) {
+        match body.operands(v.node).first() {
+            Some(o) => v = *o,
+            None => break,
+        }
+    }
+    v
+}
+
+/// The only user of `v` that is not a reshape, following reshapes forward.
+fn sole_user(body: &Graph, mut v: Value) -> Option<(NodeId, u16, Value)> {
+    loop {
+        let users = body.users(v);
+        if users.len() != 1 {
+            return None;
+        }
+        let (n, slot) = users[0];
+        if matches!(body.op(n), Op::Reshape { .. }) {
+            v = Value::from(n);
+        } else {
+            return Some((n, slot, v));
+        }
+    }
+}
+
+/// Rejects a generator that is written for bf16 storage only when a tensor is of another type.
+fn need_bf16<'a>(what: &str, tys: impl IntoIterator<Item = &'a TensorType>) -> Result<(), CodegenError> {
+    match tys.into_iter().find(|t| t.dtype != DType::Bf16) {
+        Some(t) => Err(unsupported(format!("the {what} generator is bf16 only, found {t}"))),
+        None => Ok(()),
+    }
+}
+
+fn cst_u32(d: &Dim, what: &str) -> Result<u32, CodegenError> {
+    d.as_const()
+        .and_then(|c| u32::try_from(c).ok())
+        .ok_or_else(|| CodegenError::Shape(format!("{what} must be a constant, found {d}")))
+}
+
+/// The result slot of body value `v` (or of a reshape of it), numbered after the `np` params.
+fn result_slot(body: &Graph, np: u32, v: Value) -> Result<u32, CodegenError> {
+    body.outputs()
+        .iter()
+        .position(|(_, o)| *o == v || unview(body, *o) == v)
+        .map(|i| np + i as u32)
+        .ok_or_else(|| unsupported("a value the kernel must write is not a result of the group"))
+}
+
+/// The param index of `v` (through reshapes), or an error naming `what`.
+fn param_of(body: &Graph, v: Value, what: &str) -> Result<u32, CodegenError> {
+    param_index(body, unview(body, v)).ok_or_else(|| unsupported(format!("the {what} is not an operand of the group")))
+}
+
+/// `conv1d` / `conv1d_update`, optionally followed by `silu` (`conv_silu`), → `conv::conv1d` /
+/// `conv::conv1d_update`.
+fn conv_body(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let convs: Vec<NodeId> = body
+        .node_ids()
+        .into_iter()
+        .filter(|n| matches!(body.op(*n), Op::Conv1d { .. } | Op::Conv1dUpdate { .. }))
+        .collect();
+    let [c] = convs[..] else { return Err(unsupported(format!("{} convolutions in one body", convs.len()))) };
+    let (update, bias) = match body.op(c) {
+        Op::Conv1d { bias } => (false, *bias),
+        Op::Conv1dUpdate { bias } => (true, *bias),
+        other => return Err(unsupported(format!("`{}` is not a convolution", other.name()))),
+    };
+    let ops = body.operands(c);
+    let x = param_of(body, ops[0], "convolution input")?;
+    let w = param_of(body, ops[1], "convolution weight")?;
+    let state = param_of(body, ops[2], "convolution state")?;
+    let lens = if update { None } else { Some(param_of(body, ops[3], "lens")?) };
+    let bias_slot = if bias { Some(param_of(body, ops[if update { 3 } else { 4 }], "bias")?) } else { None };
+    let y = Value::new(c, 0);
+    let (silu, y_slot) = match sole_user(body, y) {
+        Some((u, _, _)) if matches!(body.op(u), Op::Silu) => (true, result_slot(body, np, Value::from(u))?),
+        Some((u, _, _)) => return Err(unsupported(format!("a `{}` after the convolution", body.op(u).name()))),
+        None => (false, result_slot(body, np, y)?),
+    };
+    let new_state = body.outputs().iter().any(|(_, o)| *o == Value::new(c, 1));
+    if !new_state {
+        return Err(unsupported("the new convolution state is not a result of the group"));
+    }
+    let xt = &params[x as usize];
+    let wt = &params[w as usize];
+    let mut spec = ConvSpec::new(name, cst_u32(&wt.shape[0], "channels")?, cst_u32(&wt.shape[1], "width")?, bias);
+    spec.dtype = xt.dtype;
+    spec.silu = silu;
+    spec.batch = xt.shape[0].clone();
+    if !update {
+        spec.tokens = xt.shape[1].clone();
+    }
+    spec.operands = ConvOperands {
+        x: BufferId(x),
+        w: BufferId(w),
+        state: BufferId(state),
+        lens: BufferId(lens.unwrap_or(state)),
+        bias: bias_slot.map(BufferId),
+        y: BufferId(y_slot),
+    };
+    if update { conv::conv1d_update(&spec) } else { conv::conv1d(&spec) }
+}
+
+/// The decode `attention_step` body: `kv_write`s of the new keys and values, then
+/// `attention_decode` over the updated caches → `kv_write` (both pairs), the split-KV partials and
+/// the combine, with the two f32 workspaces as scratch.
+fn attention_step(body: &Graph, name: &str) -> Result<Plan, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let nout = body.outputs().len() as u32;
+    let ids = body.node_ids();
+    let attn: Vec<NodeId> = ids.iter().copied().filter(|n| matches!(body.op(*n), Op::AttentionDecode { .. })).collect();
+    let [a] = attn[..] else { return Err(unsupported(format!("{} attention_decode nodes in one body", attn.len()))) };
+    let Op::AttentionDecode { window, scale } = body.op(a) else {
+        return Err(unsupported("no attention_decode in the body"));
+    };
+    let ops = body.operands(a);
+    let q = param_of(body, ops[0], "query")?;
+    let start = param_of(body, ops[3], "start")?;
+    // Each cache is a param, or a kv_write of a param with new keys (written first).
+    let mut pairs = Vec::new();
+    let mut caches = [0u32; 2];
+    let mut tokens = None;
+    for (i, c) in [ops[1], ops[2]].into_iter().enumerate() {
+        let c = unview(body, c);
+        if let Some(p) = param_index(body, c) {
+            caches[i] = p;
+        } else if matches!(body.op(c.node), Op::KvWrite) {
+            let wops = body.operands(c.node);
+            let cache = param_of(body, wops[0], "cache")?;
+            let new = param_of(body, wops[1], "new keys")?;
+            if param_of(body, wops[2], "start")? != start {
+                return Err(unsupported("kv_write and attention_decode read different starts"));
+            }
+            tokens = Some(body.ty(wops[1]).map_err(CodegenError::Shape)?.shape[1].clone());
+            pairs.push((BufferId(cache), BufferId(new)));
+            caches[i] = cache;
+        } else {
+            return Err(unsupported(format!("the attention reads a cache from `{}`", body.op(c.node).name())));
+        }
+    }
+    let o = result_slot(body, np, Value::from(a))?;
+    let qt = body.ty(unview(body, ops[0])).map_err(CodegenError::Shape)?;
+    let qt = if qt.rank() == 4 { qt.clone() } else { body.ty(ops[0]).map_err(CodegenError::Shape)?.clone() };
+    let kt = &params[caches[0] as usize];
+    let (q_heads, head_dim) = match qt.rank() {
+        4 => (cst_u32(&qt.shape[2], "query heads")?, cst_u32(&qt.shape[3], "head dim")?),
+        3 => (cst_u32(&qt.shape[1], "query heads")?, cst_u32(&qt.shape[2], "head dim")?),
+        _ => return Err(CodegenError::Shape(format!("query {qt}"))),
+    };
+    need_bf16("attention", [&qt, kt, &params[caches[1] as usize]])?;
+    let kv_heads = cst_u32(&kt.shape[2], "kv heads")?;
+    let capacity = kt.shape[1].clone();
+    let mut kernels = Vec::new();
+    if !pairs.is_empty() {
+        kernels.push(attention::kv_write(&KvWriteSpec {
+            name: format!("{name}_kv_write"),
+            kv_heads,
+            head_dim,
+            tokens: tokens.unwrap_or(Dim::constant(1)),
+            capacity: capacity.clone(),
+            pairs,
+            start: BufferId(start),
+            lens: None,
+        })?);
+    }
+    let (part_o, part_lse) = (np + nout, np + nout + 1);
+    let spec = DecodeSpec {
+        name: name.to_string(),
+        q_heads,
+        kv_heads,
+        head_dim,
+        capacity,
+        window: *window,
+        scale: *scale,
+        max_splits: None,
+        min_chunk: attention::MIN_CHUNK,
+        operands: DecodeOperands {
+            q: BufferId(q),
+            kcache: BufferId(caches[0]),
+            vcache: BufferId(caches[1]),
+            start: BufferId(start),
+            o: BufferId(o),
+            part_o: BufferId(part_o),
+            part_lse: BufferId(part_lse),
+        },
+    };
+    let (po, pl) = attention::decode_workspace(&spec)?;
+    kernels.extend(attention::attention_decode(&spec)?);
+    let f32_bytes = |d: Dim| TensorType::new(DType::F32, [d.div_exact(4).unwrap_or(d)]);
+    Ok(Plan {
+        kernels,
+        scratch: vec![("part_o".into(), f32_bytes(po)), ("part_lse".into(), f32_bytes(pl))],
+        max_rows: None,
+    })
+}
+
+/// The value feeding `v` through reshapes, as `(split node, result index)` when it is a split result.
+fn split_part(body: &Graph, v: Value) -> Option<(NodeId, u16)> {
+    let v = unview(body, v);
+    matches!(body.op(v.node), Op::Split { .. }).then_some((v.node, v.result))
+}
+
+/// The decode `mamba2_step` body (fuse-decode-mixer): the in-proj row `zxbcdt` split into
+/// `[z, xBC, dt]`, `dt = softplus(dt + dt_bias)` (optionally clamped), `conv1d_update` + SiLU of
+/// xBC split into `[x, B, C]`, `ssd_step`, then `gated_rmsnorm(y, z)` → `ssd::mamba2_step` (one
+/// kernel). Every link is checked; a body of another shape is reported unsupported.
+fn mamba2_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let find = |what: &str| body.node_ids().into_iter().filter(|n| body.op(*n).name() == what).collect::<Vec<_>>();
+    let bad = |s: &str| unsupported(format!("mamba2_step body: {s}"));
+    let (ssd_nodes, conv_nodes, norm_nodes) = (find("ssd_step"), find("conv1d_update"), find("gated_rmsnorm"));
+    let ([ss], [cv], [gn]) = (&ssd_nodes[..], &conv_nodes[..], &norm_nodes[..]) else {
+        return Err(bad("expected one ssd_step, one conv1d_update and one gated_rmsnorm"));
+    };
+    let (ss, cv, gn) = (*ss, *cv, *gn);
+    let Op::Conv1dUpdate { bias } = body.op(cv) else { return Err(bad("no conv1d_update")) };
+    let Op::GatedRmsNorm { eps, group, norm_before_gate } = body.op(gn) else {
+        return Err(bad("no gated_rmsnorm"));
+    };
+    let sops = body.operands(ss);
+    let cops = body.operands(cv);
+    let nops = body.operands(gn);
+    // zxbcdt = [z | xBC | dt]
+    let (zsplit, zi) =
+        split_part(body, nops[1]).ok_or_else(|| bad("the norm gate is not a split of the in-proj row"))?;
+    let (csplit, ci) =
+        split_part(body, cops[0]).ok_or_else(|| bad("the conv input is not a split of the in-proj row"))?;
+    if zsplit != csplit || zi != 0 || ci != 1 {
+        return Err(bad("the in-proj row is not split as [z, xBC, dt]"));
+    }
+    let zxbcdt = param_of(body, body.operands(zsplit)[0], "in-proj row")?;
+    // dt = [clamp](softplus(add(dt_raw, dt_bias)))
+    let mut dt = unview(body, sops[1]);
+    let (mut dt_min, mut dt_max) = (None, None);
+    if let Op::Clamp { min, max } = body.op(dt.node) {
+        dt_min = min.map(|m| m as f32);
+        dt_max = max.map(|m| m as f32);
+        dt = unview(body, body.operands(dt.node)[0]);
+    }
+    if !matches!(body.op(dt.node), Op::Softplus) {
+        return Err(bad("dt is not a softplus"));
+    }
+    let add = unview(body, body.operands(dt.node)[0]);
+    if !matches!(body.op(add.node), Op::Add) {
+        return Err(bad("dt is not softplus(dt + dt_bias)"));
+    }
+    let aops = body.operands(add.node);
+    if split_part(body, aops[0]) != Some((zsplit, 2)) {
+        return Err(bad("dt is not the third part of the in-proj row"));
+    }
+    let dt_bias = param_of(body, aops[1], "dt bias")?;
+    // conv + silu, split into [x, B, C]
+    let conv_w = param_of(body, cops[1], "conv weight")?;
+    let conv_state = param_of(body, cops[2], "conv state")?;
+    let conv_bias = if *bias { Some(param_of(body, cops[3], "conv bias")?) } else { None };
+    let xs = split_part(body, sops[0]);
+    let bs = split_part(body, sops[3]);
+    let cs = split_part(body, sops[4]);
+    let (Some((xsplit, 0)), Some((bsplit, 1)), Some((csplit2, 2))) = (xs, bs, cs) else {
+        return Err(bad("the ssd_step's x, B, C are not the parts of one split"));
+    };
+    if xsplit != bsplit || xsplit != csplit2 {
+        return Err(bad("the ssd_step's x, B, C come from different splits"));
+    }
+    let silu = unview(body, body.operands(xsplit)[0]);
+    if !matches!(body.op(silu.node), Op::Silu) || unview(body, body.operands(silu.node)[0]) != Value::new(cv, 0) {
+        return Err(bad("x, B, C are not a split of silu(conv1d_update(..))"));
+    }
+    let a = param_of(body, sops[2], "A")?;
+    let d = param_of(body, sops[5], "D")?;
+    let state = param_of(body, sops[6], "ssm state")?;
+    if unview(body, nops[0]) != Value::new(ss, 0) {
+        return Err(bad("the norm does not read the ssd_step output"));
+    }
+    let norm_w = param_of(body, nops[2], "norm weight")?;
+    let y = result_slot(body, np, Value::from(gn))?;
+    for v in [Value::new(cv, 1), Value::new(ss, 1)] {
+        if !body.outputs().iter().any(|(_, o)| *o == v) {
+            return Err(bad("a state update is not a result of the group"));
+        }
+    }
+    // Dims: x [B, H, P], B [B, G, N] (through reshapes, from the split sizes).
+    let xt = body.ty(sops[0]).map_err(CodegenError::Shape)?;
+    let bt = body.ty(sops[3]).map_err(CodegenError::Shape)?;
+    if xt.rank() != 3 || bt.rank() != 3 {
+        return Err(bad("unexpected ssd_step operand ranks"));
+    }
+    let dims = SsdDims {
+        heads: cst_u32(&xt.shape[1], "heads")?,
+        head_dim: cst_u32(&xt.shape[2], "head dim")?,
+        groups: cst_u32(&bt.shape[1], "groups")?,
+        state: cst_u32(&bt.shape[2], "state width")?,
+    };
+    let zt = &params[zxbcdt as usize];
+    let mut spec = Mamba2StepSpec::new(name, dims);
+    spec.dtype = zt.dtype;
+    spec.conv_width = cst_u32(&params[conv_w as usize].shape[1], "conv width")?;
+    spec.dt_min = dt_min;
+    spec.dt_max = dt_max;
+    spec.norm_eps = *eps as f32;
+    spec.norm_group = u32::try_from(*group).map_err(|_| CodegenError::Shape(format!("norm group {group}")))?;
+    spec.norm_before_gate = *norm_before_gate;
+    spec.batch = zt.shape[0].clone();
+    spec.operands = Mamba2Operands {
+        zxbcdt: BufferId(zxbcdt),
+        dt_bias: BufferId(dt_bias),
+        conv_w: BufferId(conv_w),
+        conv_state: BufferId(conv_state),
+        conv_bias: conv_bias.map(BufferId),
+        a: BufferId(a),
+        d: BufferId(d),
+        state: BufferId(state),
+        norm_w: BufferId(norm_w),
+        y: BufferId(y),
+    };
+    ssd::mamba2_step(&spec)
+}
+
+/// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] matmul(·, W) [→ epilogue]`, as one GEMV /
+/// GEMM kernel (after an elementwise kernel for the sum, when there is an add).
+fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let out_slot = |v: Value| result_slot(body, np, v);
+    let mms: Vec<NodeId> = body.node_ids().into_iter().filter(|n| matches!(body.op(*n), Op::MatMul { .. })).collect();
+    let [mm] = mms[..] else { return Err(unsupported(format!("{} matmuls in one body", mms.len()))) };
+    let Op::MatMul { trans_a: false, trans_b: true } = body.op(mm) else {
+        return Err(unsupported("only `matmul[trans_a=false, trans_b=true]` (A · Wᵀ) has a generator"));
+    };
+    let ops = body.operands(mm);
+    let (a, w) = (unview(body, ops[0]), unview(body, ops[1]));
+    let w_slot = param_index(body, w).ok_or_else(|| unsupported("the weight of the product is not an operand"))?;
+    let wt = &params[w_slot as usize];
+    if wt.rank() != 2 {
+        return Err(unsupported(format!("the weight {wt} is not rank 2")));
+    }
+    if wt.dtype != DType::Bf16 {
+        return Err(unsupported(format!("GEMV / GEMM are bf16 only, the weight is {}", wt.dtype.name())));
+    }
+    let (n, k) = (wt.shape[0].clone(), wt.shape[1].clone());
+
+    // Prologue: rmsnorm of A, maybe of a sum.
+    let mut pre = Vec::new();
+    let mut norm_w = None;
+    let mut prologue = GemmPrologue::None;
+    let mut scratch = Vec::new();
+    let a_slot = if let Some(p) = param_index(body, a) {
+        p
+    } else if let Op::GatedRmsNorm { eps, group, norm_before_gate } = body.op(a.node) {
+        // No gated-norm prologue in the GEMM generators: the norm writes a scratch A first.
+        let nops = body.operands(a.node);
+        let y = param_of(body, nops[0], "norm input")?;
+        let z = param_of(body, nops[1], "norm gate")?;
+        let nw = param_of(body, nops[2], "norm weight")?;
+        let yt = &params[y as usize];
+        let width = yt.shape.last().ok_or_else(|| CodegenError::Shape(format!("norm input {yt}")))?;
+        let width = cst_u32(width, "the normalised width")?;
+        let rows = Dim::product(&yt.shape[..yt.rank() - 1]);
+        let group = u32::try_from(*group).map_err(|_| CodegenError::Shape(format!("norm group {group}")))?;
+        let mut g =
+            norm::gated_rmsnorm(&rows, width, yt.dtype, params[nw as usize].dtype, *eps, group, *norm_before_gate)?;
+        let a_scratch = np + body.outputs().len() as u32;
+        for arg in &mut g.launch.args {
+            if let ArgRule::Buffer(b) = arg {
+                *arg = ArgRule::Buffer(BufferId([y, z, nw, a_scratch][b.0.min(3) as usize]));
+            }
+        }
+        pre.push(g);
+        scratch.push(("normed A".to_string(), body.ty(a).map_err(CodegenError::Shape)?.clone()));
+        a_scratch
+    } else if let Op::RmsNorm { eps } = body.op(a.node) {
+        let nops = body.operands(a.node);
+        let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]));
+        norm_w = Some(param_index(body, nw).ok_or_else(|| unsupported("the norm weight is not an operand"))?);
+        prologue = GemmPrologue::RmsNorm { eps: *eps as f32 };
+        if let Some(p) = param_index(body, x) {
+            p
+        } else if matches!(body.op(x.node), Op::Add) {
+            let aops = body.operands(x.node);
+            let (p0, p1) = (unview(body, aops[0]), unview(body, aops[1]));
+            let (Some(i0), Some(i1)) = (param_index(body, p0), param_index(body, p1)) else {
+                return Err(unsupported("the residual add before the norm does not add two operands"));
+            };
+            let sum_slot = out_slot(x)?;
+            let t0 = &params[i0 as usize];
+            let t1 = &params[i1 as usize];
+            let sum_ty = body.ty(x).map_err(CodegenError::Shape)?.clone();
+            if t0.numel() != sum_ty.numel() || t1.numel() != sum_ty.numel() {
+                return Err(unsupported("the residual add broadcasts"));
+            }
+            let add = single_op_body(&Op::Add, &[t0.clone(), t1.clone()], &[sum_ty]);
+            let mut g = elementwise::fused_elementwise(&add, &format!("{name}_add"))?;
+            let remap = |s: u32| match s {
+                0 => i0,
+                1 => i1,
+                _ => sum_slot,
+            };
+            for arg in &mut g.launch.args {
+                if let ArgRule::Buffer(b) = arg {
+                    *arg = ArgRule::Buffer(BufferId(remap(b.0)));
+                }
+            }
+            pre.push(g);
+            sum_slot
+        } else {
+            return Err(unsupported(format!("the norm reads a `{}`, not an operand or a sum", body.op(x.node).name())));
+        }
+    } else {
+        return Err(unsupported(format!("the product reads a `{}` (no such prologue)", body.op(a.node).name())));
+    };
+    let at = &params
+        .get(a_slot as usize)
+        .filter(|_| a_slot < np)
+        .cloned()
+        .or_else(|| body.ty(a).ok().cloned())
+        .unwrap_or(wt.clone());
+    need_bf16("GEMV / GEMM", [at])?;
+    let m = Dim::product(&at.shape[..at.rank().saturating_sub(1)]);
+    let m = if m.as_const().is_some() || at.rank() > 1 { m } else { Dim::constant(1) };
+
+    // Epilogue.
+    let mut epilogue = GemmEpilogue::None;
+    let mut bias = None;
+    let mut residual = None;
+    let mm_v = Value::from(mm);
+    let out = match sole_user(body, mm_v) {
+        None => out_slot(mm_v)?,
+        Some((u, _, via)) => match body.op(u) {
+            Op::Split { sizes, .. } => {
+                let uses: Vec<(NodeId, u16)> =
+                    (0..sizes.len() as u16).flat_map(|r| body.users(Value::new(u, r))).collect();
+                let readers = || {
+                    let mut names: Vec<&str> = uses.iter().map(|(n, _)| body.op(*n).name()).collect();
+                    names.dedup();
+                    names.join(", ")
+                };
+                let [(sw, _), (sw2, _)] = uses[..] else {
+                    return Err(unsupported(format!(
+                        "the product is split into {} parts read by [{}] (group results or further ops); the \
+                         GEMV / GEMM generators write one output (their epilogues: bias, residual, relu2, \
+                         swiglu)",
+                        sizes.len(),
+                        readers()
+                    )));
+                };
+                if sw != sw2 || !matches!(body.op(sw), Op::Swiglu) || sizes.len() != 2 {
+                    return Err(unsupported(format!(
+                        "the product is split into {} parts read by [{}]; only a swiglu of two halves is a \
+                         GEMV / GEMM epilogue (no rope or qk-norm epilogue in the GEMV)",
+                        sizes.len(),
+                        readers()
+                    )));
+                }
+                let sops = body.operands(sw);
+                if sops[0] != Value::new(u, 0) {
+                    return Err(unsupported(
+                        "swiglu gates with the second half of the product; the GEMM SwiGLU epilogue takes \
+                         the gate from the first half (W rows 0..N/2)",
+                    ));
+                }
+                epilogue = GemmEpilogue::Swiglu;
+                out_slot(Value::from(sw))?
+            }
+            Op::Relu2 => {
+                epilogue = GemmEpilogue::Relu2;
+                out_slot(Value::from(u))?
+            }
+            Op::Add => {
+                let aops = body.operands(u);
+                let other = if unview(body, aops[0]) == unview(body, via) { aops[1] } else { aops[0] };
+                let p = param_index(body, unview(body, other))
+                    .ok_or_else(|| unsupported("the product is added to a value that is not an operand"))?;
+                let pt = &params[p as usize];
+                if pt.rank() == 1 {
+                    epilogue = GemmEpilogue::Bias;
+                    bias = Some(p);
+                } else {
+                    epilogue = GemmEpilogue::Residual;
+                    residual = Some(p);
+                }
+                let res = Value::from(u);
+                if sole_user(body, res).is_some() {
+                    return Err(unsupported("more than one epilogue after the product"));
+                }
+                out_slot(res)?
+            }
+            other => {
+                return Err(unsupported(format!("no `{}` epilogue in the GEMM generators", other.name())));
+            }
+        },
+    };
+    let out_ty = body.outputs().get((out - np) as usize).and_then(|(_, v)| body.ty(*v).ok()).cloned();
+    need_bf16(
+        "GEMV / GEMM",
+        out_ty.iter().chain(bias.iter().chain(&residual).chain(&norm_w).map(|p| &params[*p as usize])),
+    )?;
+    let slot = |s: Option<u32>| s.map(BufferId);
+    let operands = GemmOperands {
+        a: BufferId(a_slot),
+        w: BufferId(w_slot),
+        out: BufferId(out),
+        norm_w: slot(norm_w),
+        bias: slot(bias),
+        residual: slot(residual),
+        start: None,
+        inv_freq: None,
+    };
+    let main = if mode == Mode::Decode {
+        gemv::gemv(&GemvSpec {
+            name: name.to_string(),
+            dtype: DType::Bf16,
+            prologue,
+            epilogue,
+            max_rows: gemv::MAX_ROWS,
+            split_k: None,
+            m,
+            n,
+            k,
+            operands,
+        })?
+    } else {
+        let mut spec = GemmSpec::new(name, m, n, k);
+        spec.prologue = prologue;
+        spec.epilogue = epilogue;
+        spec.operands = operands;
+        gemm::gemm(&spec)?
+    };
+    pre.push(main);
+    Ok(Plan { kernels: pre, scratch, max_rows: (mode == Mode::Decode).then_some(gemv::MAX_ROWS) })
+}
