@@ -423,14 +423,23 @@ impl<'a> Lowerer<'a> {
     fn ffn(&mut self, i: usize, f: &Ffn, n: Value) -> Result<Value, String> {
         let h = self.spec.hidden;
         let p = format!("layers.{i}.ffn");
-        let up = self.linear(n, &format!("{p}.up_proj"), f.inner, h, f.bias)?;
+        // The gate projection is built first so that the horizontal matmul fusion packs [gate; up]:
+        // the gate is then the first half of the fused product, as the GEMM/GEMV SwiGLU epilogue
+        // expects.
         let act = match f.act {
             Activation::Swiglu => {
                 let gate = self.linear(n, &format!("{p}.gate_proj"), f.inner, h, f.bias)?;
+                let up = self.linear(n, &format!("{p}.up_proj"), f.inner, h, f.bias)?;
                 self.v(Op::Swiglu, &[gate, up])?
             }
-            Activation::Relu2 => self.v(Op::Relu2, &[up])?,
-            Activation::Gelu => self.v(Op::Gelu, &[up])?,
+            Activation::Relu2 => {
+                let up = self.linear(n, &format!("{p}.up_proj"), f.inner, h, f.bias)?;
+                self.v(Op::Relu2, &[up])?
+            }
+            Activation::Gelu => {
+                let up = self.linear(n, &format!("{p}.up_proj"), f.inner, h, f.bias)?;
+                self.v(Op::Gelu, &[up])?
+            }
         };
         self.linear(act, &format!("{p}.down_proj"), h, f.inner, f.bias)
     }
