@@ -323,8 +323,8 @@ fn kernels_text(p: &flashc_compiler::schedule::Program, ptx: bool) -> Result<Str
                     }
                 }
             }
-            Err(e) => {
-                let _ = writeln!(text, "// {} {}: not generated: {e}", group.id, group.name);
+            Err(dispatch::DispatchError::Unsupported { op, reason, .. }) => {
+                let _ = writeln!(text, "// {} {}: not generated (`{op}`): {reason}", group.id, group.name);
             }
         }
     }
