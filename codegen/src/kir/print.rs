@@ -99,7 +99,9 @@ fn space_name(s: Space) -> &'static str {
     }
 }
 
-pub(crate) fn bin_name(op: BinOp) -> &'static str {
+/// The PTX base name of an operation (no type or rounding suffix); shared by the dump, the PTX
+/// printer and the `sim` device's messages.
+pub fn bin_name(op: BinOp) -> &'static str {
     match op {
         BinOp::Add => "add",
         BinOp::Sub => "sub",
@@ -118,7 +120,7 @@ pub(crate) fn bin_name(op: BinOp) -> &'static str {
     }
 }
 
-pub(crate) fn un_name(op: UnOp) -> &'static str {
+pub fn un_name(op: UnOp) -> &'static str {
     match op {
         UnOp::Neg => "neg",
         UnOp::Abs => "abs",
@@ -133,7 +135,7 @@ pub(crate) fn un_name(op: UnOp) -> &'static str {
     }
 }
 
-pub(crate) fn cmp_name(c: Cmp) -> &'static str {
+pub fn cmp_name(c: Cmp) -> &'static str {
     match c {
         Cmp::Eq => "eq",
         Cmp::Ne => "ne",
@@ -144,7 +146,7 @@ pub(crate) fn cmp_name(c: Cmp) -> &'static str {
     }
 }
 
-pub(crate) fn shfl_name(m: ShflMode) -> &'static str {
+pub fn shfl_name(m: ShflMode) -> &'static str {
     match m {
         ShflMode::Bfly => "bfly",
         ShflMode::Down => "down",
@@ -153,7 +155,7 @@ pub(crate) fn shfl_name(m: ShflMode) -> &'static str {
     }
 }
 
-pub(crate) fn vote_name(m: VoteMode) -> &'static str {
+pub fn vote_name(m: VoteMode) -> &'static str {
     match m {
         VoteMode::All => "all",
         VoteMode::Any => "any",
@@ -161,7 +163,7 @@ pub(crate) fn vote_name(m: VoteMode) -> &'static str {
     }
 }
 
-pub(crate) fn atom_name(op: AtomOp) -> &'static str {
+pub fn atom_name(op: AtomOp) -> &'static str {
     match op {
         AtomOp::Add => "add",
         AtomOp::Min => "min",

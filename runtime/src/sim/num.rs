@@ -16,6 +16,7 @@
 //!   `.ftz`). No other op flushes subnormals;
 //! - NaN results of 16-bit conversions are the canonical NaN `0x7FFF` (what the hardware produces).
 
+use flashc_codegen::kir::print::{bin_name, un_name};
 use flashc_codegen::kir::{BinOp, Cmp, Round, Ty, UnOp};
 
 /// Canonical 16-bit NaN (bf16 and f16).
@@ -287,27 +288,8 @@ fn f32_bin(op: BinOp, a: f32, b: f32, ty: Ty) -> Result<f32, NumError> {
         BinOp::Div => a / b,
         BinOp::Min => fminmax(f64::from(a), f64::from(b), false) as f32,
         BinOp::Max => fminmax(f64::from(a), f64::from(b), true) as f32,
-        _ => return Err(unsupported(op_name(op), ty)),
+        _ => return Err(unsupported(bin_name(op), ty)),
     })
-}
-
-fn op_name(op: BinOp) -> &'static str {
-    match op {
-        BinOp::Add => "add",
-        BinOp::Sub => "sub",
-        BinOp::Mul => "mul",
-        BinOp::MulHi => "mul.hi",
-        BinOp::MulWide => "mul.wide",
-        BinOp::Div => "div",
-        BinOp::Rem => "rem",
-        BinOp::Min => "min",
-        BinOp::Max => "max",
-        BinOp::And => "and",
-        BinOp::Or => "or",
-        BinOp::Xor => "xor",
-        BinOp::Shl => "shl",
-        BinOp::Shr => "shr",
-    }
 }
 
 /// `op.ty a, b` on register bits. For `shl`/`shr`, `b` is the shift amount read as `.u32`.
@@ -317,7 +299,7 @@ pub fn bin(op: BinOp, ty: Ty, a: u64, b: u64) -> Result<u64, NumError> {
             BinOp::And => Ok(a & b & 1),
             BinOp::Or => Ok((a | b) & 1),
             BinOp::Xor => Ok((a ^ b) & 1),
-            _ => Err(unsupported(op_name(op), ty)),
+            _ => Err(unsupported(bin_name(op), ty)),
         },
         Class::Int { bits, signed } => {
             let (x, y) = (ext(a, bits, signed), ext(b, bits, signed));
@@ -376,14 +358,14 @@ pub fn bin(op: BinOp, ty: Ty, a: u64, b: u64) -> Result<u64, NumError> {
                 BinOp::Div => x / y,
                 BinOp::Min => fminmax(x, y, false),
                 BinOp::Max => fminmax(x, y, true),
-                _ => return Err(unsupported(op_name(op), ty)),
+                _ => return Err(unsupported(bin_name(op), ty)),
             };
             Ok(r.to_bits())
         }
         Class::F16 | Class::Bf16 | Class::F16x2 | Class::Bf16x2 => {
             let (fmt, lanes) = half_format(ty);
             if !matches!(op, BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Min | BinOp::Max) {
-                return Err(unsupported(op_name(op), ty));
+                return Err(unsupported(bin_name(op), ty));
             }
             // Validate once outside the per-lane closure (which cannot fail for these ops).
             Ok(per_half(&[a, b], lanes, fmt, |v| f32_bin(op, v[0], v[1], ty).unwrap_or(f32::NAN)))
@@ -423,21 +405,6 @@ pub fn mad(ty: Ty, a: u64, b: u64, c: u64) -> Result<u64, NumError> {
             }
             Ok(out)
         }
-    }
-}
-
-fn un_name(op: UnOp) -> &'static str {
-    match op {
-        UnOp::Neg => "neg",
-        UnOp::Abs => "abs",
-        UnOp::Not => "not",
-        UnOp::Sqrt => "sqrt",
-        UnOp::RsqrtApprox => "rsqrt.approx",
-        UnOp::RcpApprox => "rcp.approx",
-        UnOp::Rcp => "rcp",
-        UnOp::Ex2Approx => "ex2.approx",
-        UnOp::Lg2Approx => "lg2.approx",
-        UnOp::TanhApprox => "tanh.approx",
     }
 }
 

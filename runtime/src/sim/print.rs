@@ -3,9 +3,8 @@
 //! Registers print with a prefix by type (`%p` predicates, `%h` 16-bit, `%r` 32-bit integers, `%f`
 //! f32, `%rd` 64-bit integers, `%fd` f64) followed by the kir register number, so `%f12` is `Reg(12)`.
 
-use flashc_codegen::kir::{
-    AtomOp, BinOp, Cache, Cmp, Inst, Kernel, Operand, Reg, Round, ShflMode, Space, Stmt, Ty, UnOp, VoteMode,
-};
+use flashc_codegen::kir::print::{atom_name, cmp_name, shfl_name};
+use flashc_codegen::kir::{BinOp, Cache, Inst, Kernel, Operand, Reg, Round, Space, Stmt, Ty, UnOp, VoteMode};
 
 pub(crate) fn reg(k: &Kernel, r: Reg) -> String {
     let prefix = match k.ty(r) {
@@ -85,17 +84,6 @@ fn un_name(op: UnOp) -> &'static str {
     }
 }
 
-fn cmp_name(c: Cmp) -> &'static str {
-    match c {
-        Cmp::Eq => "eq",
-        Cmp::Ne => "ne",
-        Cmp::Lt => "lt",
-        Cmp::Le => "le",
-        Cmp::Gt => "gt",
-        Cmp::Ge => "ge",
-    }
-}
-
 /// One instruction, PTX-style.
 pub(crate) fn inst(k: &Kernel, i: &Inst) -> String {
     let r = |x: &Reg| reg(k, *x);
@@ -149,12 +137,7 @@ pub(crate) fn inst(k: &Kernel, i: &Inst) -> String {
         }
         Inst::Bar => "bar.sync 0".into(),
         Inst::Shfl { mode, dst, src, lane, clamp } => {
-            let m = match mode {
-                ShflMode::Bfly => "bfly",
-                ShflMode::Down => "down",
-                ShflMode::Up => "up",
-                ShflMode::Idx => "idx",
-            };
+            let m = shfl_name(*mode);
             format!("shfl.sync.{m}.b32 {}, {}, {}, {clamp:#x}, 0xffffffff", r(dst), r(src), o(lane))
         }
         Inst::Vote { mode, dst, src } => {
@@ -166,12 +149,7 @@ pub(crate) fn inst(k: &Kernel, i: &Inst) -> String {
             format!("vote.sync.{m} {}, {}, 0xffffffff", r(dst), r(src))
         }
         Inst::Atom { op, space: s, ty, dst, addr, val } => {
-            let op = match op {
-                AtomOp::Add => "add",
-                AtomOp::Min => "min",
-                AtomOp::Max => "max",
-                AtomOp::Exch => "exch",
-            };
+            let op = atom_name(*op);
             match dst {
                 Some(d) => format!("atom.{}.{op}.{} {}, [{}], {}", space(*s), ty.name(), r(d), o(addr), o(val)),
                 None => format!("red.{}.{op}.{} [{}], {}", space(*s), ty.name(), o(addr), o(val)),
