@@ -100,6 +100,7 @@ fn launch(g: &Generated, at: &Bindings, bufs: &Bufs, mem: &mut GlobalMemory, gri
         .iter()
         .map(|a| match a {
             ArgRule::Buffer(id) => Arg::Ptr(bufs.get(*id)),
+            ArgRule::View(id, off) => Arg::Ptr(bufs.get(*id) + off.eval(at) as u64),
             ArgRule::Size(d) => Arg::U32(u32::try_from(d.eval(at)).expect("size fits u32")),
             ArgRule::U32(x) => Arg::U32(*x),
             ArgRule::F32(x) => Arg::F32(*x),

@@ -140,6 +140,7 @@ impl Bufs {
             .iter()
             .map(|a| match a {
                 ArgRule::Buffer(id) => Arg::Ptr(self.at[id]),
+                ArgRule::View(id, off) => Arg::Ptr(self.at[id] + off.eval(&at) as u64),
                 ArgRule::Size(d) => Arg::U32(d.eval(&at) as u32),
                 ArgRule::U32(x) => Arg::U32(*x),
                 ArgRule::F32(x) => Arg::F32(*x),

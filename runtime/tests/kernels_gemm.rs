@@ -127,6 +127,7 @@ impl Device {
             .iter()
             .map(|a| match a {
                 ArgRule::Buffer(id) => Arg::Ptr(buffers[id.0 as usize]),
+                ArgRule::View(id, off) => Arg::Ptr(buffers[id.0 as usize] + off.eval(&at) as u64),
                 ArgRule::Size(d) => Arg::U32(u32::try_from(d.eval(&at)).expect("size")),
                 ArgRule::U32(x) => Arg::U32(*x),
                 ArgRule::F32(x) => Arg::F32(*x),

@@ -137,6 +137,9 @@ impl Mem {
             .iter()
             .map(|a| match a {
                 ArgRule::Buffer(id) => Arg::Ptr(*self.bufs.get(id).unwrap_or_else(|| panic!("no buffer {id}"))),
+                ArgRule::View(id, off) => {
+                    Arg::Ptr(*self.bufs.get(id).unwrap_or_else(|| panic!("no buffer {id}")) + off.eval(&at) as u64)
+                }
                 ArgRule::Size(d) => Arg::U32(u32::try_from(d.eval(&at)).expect("size")),
                 ArgRule::U32(v) => Arg::U32(*v),
                 ArgRule::F32(v) => Arg::F32(*v),

@@ -372,6 +372,12 @@ pub fn plan(program: &Program, rules: &BTreeMap<KernelId, LaunchRule>) -> Result
             .iter()
             .map(|a| match a {
                 ArgRule::Buffer(b) => address(*b),
+                ArgRule::View(b, bytes) => match address(*b)? {
+                    Arg::Address { buffer, slot, offset } => {
+                        Ok(Arg::Address { buffer, slot, offset: Poly::new(&offset.dim.add(bytes)) })
+                    }
+                    other => Ok(other),
+                },
                 ArgRule::Size(d) => Ok(Arg::Size(Poly::new(d))),
                 ArgRule::U32(v) => Ok(Arg::Const(u64::from(*v))),
                 ArgRule::F32(v) => Ok(Arg::Const(u64::from(v.to_bits()))),

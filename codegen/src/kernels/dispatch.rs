@@ -127,8 +127,10 @@ pub fn generate(program: &Program, group: &KernelGroup) -> Result<Dispatched, Di
     let mut kernels = plan.kernels;
     for k in &mut kernels {
         for a in &mut k.launch.args {
-            if let ArgRule::Buffer(b) = a {
-                *a = ArgRule::Buffer(map(b.0));
+            match a {
+                ArgRule::Buffer(b) => *a = ArgRule::Buffer(map(b.0)),
+                ArgRule::View(b, bytes) => *a = ArgRule::View(map(b.0), bytes.clone()),
+                ArgRule::Size(_) | ArgRule::U32(_) | ArgRule::F32(_) => {}
             }
         }
     }

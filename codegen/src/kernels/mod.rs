@@ -30,6 +30,9 @@ use crate::kir::Kernel;
 pub enum ArgRule {
     /// The device address of a program buffer (its root's storage plus the view's offset).
     Buffer(BufferId),
+    /// The device address of a program buffer plus a byte offset evaluated at launch: a strided
+    /// column view inside a buffer (one part of a fused projection row), which has no buffer of its own.
+    View(BufferId, Dim),
     /// A size evaluated at launch (u32).
     Size(Dim),
     /// A constant.

@@ -148,6 +148,7 @@ impl Dev {
             .iter()
             .map(|r| match r {
                 ArgRule::Buffer(b) => Arg::Ptr(slots[b.0 as usize]),
+                ArgRule::View(b, off) => Arg::Ptr(slots[b.0 as usize] + off.eval(at) as u64),
                 ArgRule::Size(d) => Arg::U32(u32::try_from(d.eval(at)).expect("size fits u32")),
                 ArgRule::U32(x) => Arg::U32(*x),
                 ArgRule::F32(x) => Arg::F32(*x),
