@@ -1,5 +1,5 @@
 //! The `sim` device behind the `Device` interface: buffers in their gir dtypes at the program's layout,
-//! and a clear error for kernel groups until codegen has kernel generators.
+//! kernel groups run through codegen's dispatcher, and limits of the generated kernels are errors.
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ const TINY: &str = "model tiny {
 }";
 
 #[test]
-fn buffers_are_stored_in_their_dtype_and_kernels_wait_for_generators() {
+fn buffers_are_stored_in_their_dtype_and_groups_run_through_the_dispatcher() {
     let spec = flashc_dsl::load(TINY).expect("valid").0;
     let program = compile(&spec, &LowerOptions::new(Mode::Decode)).expect("compiles");
     let at = Bindings { b: 2, t: 1, s: 4 };
@@ -54,11 +54,31 @@ fn buffers_are_stored_in_their_dtype_and_kernels_wait_for_generators() {
     let zeros = Sim.download(&program, &mem, state.id).expect("downloads").into_f32().expect("float");
     assert!(zeros.iter().all(|x| *x == 0.0));
 
-    // Kernel groups: no generator yet.
-    let k = &program.kernels[0];
-    match Sim.run(&program, k, &mut mem) {
-        Err(RuntimeError::Device(m)) => assert!(m.contains("no kernel generator for"), "{m}"),
-        other => panic!("expected a device error, got {other:?}"),
+    // Kernel groups run through codegen's dispatcher: the embedding gathers the tokens' rows.
+    let embed = program.kernels.iter().find(|k| k.name == "embed").expect("an embedding");
+    let table = embed
+        .inputs
+        .iter()
+        .find_map(|b| weights.iter().find(|w| w.id == *b))
+        .expect("the embedding table is a weight");
+    Sim.run(&program, embed, &mut mem).expect("the embedding runs");
+    let hidden = 16;
+    let table_data = Sim.download(&program, &mem, table.id).expect("downloads").into_f32().expect("float");
+    let rows = Sim.download(&program, &mem, embed.outputs[0]).expect("downloads").into_f32().expect("float");
+    assert_eq!(rows[..hidden], table_data[3 * hidden..4 * hidden]);
+    assert_eq!(rows[hidden..], table_data[60 * hidden..61 * hidden]);
+    assert!(mem.launches >= 1 && mem.stats.instructions > 0);
+
+    // The decode GEMV computes at most 8 rows: a batch of 9 is refused, not miscomputed.
+    let matmul = program
+        .kernels
+        .iter()
+        .find(|k| k.name.contains("matmul") && flashc_codegen::kernels::dispatch::generate(&program, k).is_ok())
+        .expect("a projection");
+    let mut wide = Sim.allocate(&program, &Bindings { b: 9, t: 1, s: 4 }).expect("allocates");
+    match Sim.run(&program, matmul, &mut wide) {
+        Err(RuntimeError::Input(m)) => assert!(m.contains("at most 8"), "{m}"),
+        other => panic!("expected an input error, got {other:?}"),
     }
     assert_eq!(Sim.name(), "sim");
 }

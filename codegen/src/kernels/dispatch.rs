@@ -725,6 +725,25 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         pre.push(g);
         scratch.push(("normed A".to_string(), body.ty(a).map_err(CodegenError::Shape)?.clone()));
         a_scratch
+    } else if let Op::RmsNorm { eps } = body.op(a.node)
+        && let nops = body.operands(a.node)
+        && let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]))
+        && let Some(xp) = param_index(body, x)
+        && let Some(nwp) = param_index(body, nw)
+        && params[nwp as usize].numel() != k
+    {
+        // A per-head norm (its weight narrower than K, e.g. a DeltaNet output norm before the output
+        // projection) is no GEMM prologue: it writes a scratch A first.
+        let mut g = norm::for_op(body.op(a.node), &[params[xp as usize].clone(), params[nwp as usize].clone()])?;
+        let a_scratch = np + body.outputs().len() as u32;
+        for arg in &mut g.launch.args {
+            if let ArgRule::Buffer(b) = arg {
+                *arg = ArgRule::Buffer(BufferId([xp, nwp, a_scratch][b.0.min(2) as usize]));
+            }
+        }
+        pre.push(g);
+        scratch.push(("normed A".to_string(), body.ty(a).map_err(CodegenError::Shape)?.clone()));
+        a_scratch
     } else if let Op::RmsNorm { eps } = body.op(a.node) {
         let nops = body.operands(a.node);
         let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]));
@@ -772,6 +791,8 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         .or_else(|| body.ty(a).ok().cloned())
         .unwrap_or(wt.clone());
     need_bf16("GEMV / GEMM", [at])?;
+    // Rows as the product sees A (through any reshape: a per-head norm's [.., heads, d] is [.., K]).
+    let at = &body.ty(ops[0]).ok().filter(|t| t.numel() == at.numel()).cloned().unwrap_or_else(|| at.clone());
     let m = Dim::product(&at.shape[..at.rank().saturating_sub(1)]);
     let m = if m.as_const().is_some() || at.rank() > 1 { m } else { Dim::constant(1) };
 

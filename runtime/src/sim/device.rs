@@ -6,17 +6,24 @@
 //! allocation at the plan's byte offsets, and one allocation per input, state, prepared buffer and
 //! weight. Memory starts zero-filled, as the `Device` interface promises.
 //!
-//! Kernel groups need codegen's kernel generators, which do not exist yet: until they do, `run`
-//! reports "no kernel generator for …". Wiring them is the one function [`generate`].
+//! `run` asks codegen's dispatcher (`kernels::dispatch::generate`) for a group's kernels once per
+//! program instance (cached in [`SimMemory`]), binds every launch rule at the instance's sizes
+//! (buffers to their device addresses, views at their byte offsets, sizes evaluated), gives each
+//! scratch buffer the dispatcher lists its own zero-filled allocation, clears zeroed arena storage
+//! before the first kernel of its lifetime (as the schedule asks), and interprets the kernels in
+//! order. A group the dispatcher cannot generate fails with its reason. [`SimMemory::stats`] sums
+//! what the launches executed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flashc_codegen::kir::Kernel;
-use flashc_compiler::gir::{Bindings, DType};
-use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, Program};
+use flashc_codegen::kernels::ArgRule;
+use flashc_codegen::kernels::dispatch::{self, Dispatched};
+use flashc_codegen::kir::ParamTy;
+use flashc_compiler::gir::{Bindings, DType, Dim};
+use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, KernelId, Launch as GroupLaunch, Program};
 
-use super::{GlobalMemory, Launch, SimError};
+use super::{Arg, GlobalMemory, Launch, SimError, Stats};
 use crate::device::{Device, HostData, RuntimeError};
 
 /// The kir interpreter device.
@@ -42,6 +49,14 @@ pub struct SimMemory {
     slots: BTreeMap<BufferId, Slot>,
     /// Weights not yet attached: their dtype and element count.
     weights: BTreeMap<BufferId, (DType, usize)>,
+    /// Each group's kernels, generated on its first run.
+    generated: BTreeMap<KernelId, Arc<Dispatched>>,
+    /// Each group's scratch allocations, by placeholder id.
+    scratch: BTreeMap<(KernelId, BufferId), u64>,
+    /// What the launches executed so far (summed; `shared_bytes` is the largest).
+    pub stats: Stats,
+    /// Kernel launches so far.
+    pub launches: u64,
 }
 
 impl SimMemory {
@@ -63,6 +78,20 @@ impl SimMemory {
             .get(&root.id)
             .map(|s| s.addr)
             .ok_or_else(|| RuntimeError::Input(format!("buffer {buffer} has no storage (a weight not shared yet?)")))
+    }
+}
+
+impl SimMemory {
+    /// Writes any buffer of `program` (an activation in the arena included), in its dtype: for tests
+    /// that run one kernel group on given operands.
+    pub fn write(&mut self, program: &Program, buffer: BufferId, data: &HostData) -> Result<(), RuntimeError> {
+        let (dtype, n) = elements(program, buffer, &self.at)?;
+        if data.len() != n {
+            return Err(RuntimeError::Input(format!("buffer {buffer} holds {n} values, {} given", data.len())));
+        }
+        let bytes = encode(dtype, data).map_err(|m| RuntimeError::Input(format!("buffer {buffer}: {m}")))?;
+        let addr = self.address(program, buffer)?;
+        self.global.write(addr, &bytes).map_err(device_error)
     }
 }
 
@@ -113,9 +142,64 @@ fn alloc_zeroed(mem: &mut GlobalMemory, bytes: usize) -> Result<u64, RuntimeErro
     Ok(addr)
 }
 
-/// The kir kernel and launch for a kernel group: codegen's generators, once they exist.
-fn generate(_program: &Program, group: &KernelGroup) -> Result<(Kernel, Launch), RuntimeError> {
-    Err(RuntimeError::Device(format!("no kernel generator for {} ({})", group.name, group.id)))
+/// A size as a `u32` kernel argument.
+fn size_arg(d: &Dim, at: &Bindings, what: &str) -> Result<u32, RuntimeError> {
+    let v = d.eval(at);
+    u32::try_from(v).map_err(|_| RuntimeError::Input(format!("{what}: the size {d} is {v} here, not a u32")))
+}
+
+/// A bound argument in the type of the parameter that receives it.
+fn typed(value: u64, ty: ParamTy, what: &str) -> Result<Arg, RuntimeError> {
+    let narrow = |v: u64| {
+        u32::try_from(v).map_err(|_| RuntimeError::Input(format!("{what}: {v} does not fit a 32-bit parameter")))
+    };
+    Ok(match ty {
+        ParamTy::Ptr => Arg::Ptr(value),
+        ParamTy::U64 => Arg::U64(value),
+        ParamTy::U32 => Arg::U32(narrow(value)?),
+        ParamTy::S32 => Arg::S32(narrow(value)? as i32),
+        ParamTy::F32 => Arg::F32(f32::from_bits(narrow(value)?)),
+    })
+}
+
+impl SimMemory {
+    /// The kernels of `group`, generated on first use.
+    fn kernels(&mut self, program: &Program, group: &KernelGroup) -> Result<Arc<Dispatched>, RuntimeError> {
+        if let Some(d) = self.generated.get(&group.id) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(dispatch::generate(program, group).map_err(|e| RuntimeError::Compile(e.to_string()))?);
+        self.generated.insert(group.id, d.clone());
+        Ok(d)
+    }
+
+    /// The address of a buffer named by a launch rule: a program buffer or one of the group's scratch.
+    fn bind_buffer(&mut self, program: &Program, group: &KernelGroup, d: &Dispatched, id: BufferId) -> Result<u64, RuntimeError> {
+        let Some(s) = d.scratch.iter().find(|s| s.id == id) else {
+            return self.address(program, id);
+        };
+        if let Some(a) = self.scratch.get(&(group.id, id)) {
+            return Ok(*a);
+        }
+        let bytes = s.bytes.eval(&self.at);
+        let bytes = usize::try_from(bytes)
+            .map_err(|_| RuntimeError::Input(format!("{}: scratch `{}` would be {bytes} bytes", group.id, s.what)))?;
+        let addr = alloc_zeroed(&mut self.global, bytes.max(1))?;
+        self.scratch.insert((group.id, id), addr);
+        Ok(addr)
+    }
+
+    /// Clears the zeroed arena storage whose lifetime starts at `group`.
+    fn clear_zeroed(&mut self, program: &Program, group: &KernelGroup) -> Result<(), RuntimeError> {
+        for b in program.buffers.iter().filter(|b| b.zeroed && b.alias.is_none() && b.kind.in_arena()) {
+            if b.live.is_some_and(|(first, _)| first == group.id) {
+                let (dtype, n) = elements(program, b.id, &self.at)?;
+                let addr = self.address(program, b.id)?;
+                self.global.write(addr, &vec![0; n * dtype.size() as usize]).map_err(device_error)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Device for Sim {
@@ -146,7 +230,17 @@ impl Device for Sim {
                 BufferKind::Activation | BufferKind::Output => {}
             }
         }
-        Ok(SimMemory { at: *at, global, arena, slots, weights })
+        Ok(SimMemory {
+            at: *at,
+            global,
+            arena,
+            slots,
+            weights,
+            generated: BTreeMap::new(),
+            scratch: BTreeMap::new(),
+            stats: Stats::default(),
+            launches: 0,
+        })
     }
 
     fn share_weight(&self, mem: &mut SimMemory, buffer: BufferId, data: Arc<Vec<f32>>) -> Result<(), RuntimeError> {
@@ -190,9 +284,63 @@ impl Device for Sim {
         Ok(decode(dtype, &bytes))
     }
 
-    fn run(&self, program: &Program, kernel: &KernelGroup, _mem: &mut SimMemory) -> Result<(), RuntimeError> {
-        let (_kernel, _launch) = generate(program, kernel)?;
-        Err(RuntimeError::Device(format!("kernel {}: arguments cannot be bound yet", kernel.name)))
+    fn run(&self, program: &Program, group: &KernelGroup, mem: &mut SimMemory) -> Result<(), RuntimeError> {
+        let d = mem.kernels(program, group)?;
+        if let Some(max) = d.max_rows {
+            let rows = match &group.launch {
+                GroupLaunch::Matmul { batch, m, .. } => batch.mul(m).eval(&mem.at),
+                _ => mem.at.b * mem.at.t,
+            };
+            if rows > i64::from(max) {
+                return Err(RuntimeError::Input(format!(
+                    "{} ({}): {rows} rows, and its kernels compute at most {max}",
+                    group.id, group.name
+                )));
+            }
+        }
+        mem.clear_zeroed(program, group)?;
+        let at = mem.at;
+        for g in d.kernels.iter() {
+            let grid = g.launch.grid_at(&at);
+            if grid.contains(&0) {
+                continue;
+            }
+            if g.launch.args.len() != g.kernel.params.len() {
+                return Err(RuntimeError::Compile(format!(
+                    "{}: {} launch arguments for {} parameters",
+                    g.kernel.name,
+                    g.launch.args.len(),
+                    g.kernel.params.len()
+                )));
+            }
+            let mut args = Vec::with_capacity(g.launch.args.len());
+            for (rule, p) in g.launch.args.iter().zip(&g.kernel.params) {
+                let what = format!("{} parameter `{}`", g.kernel.name, p.name);
+                let value = match rule {
+                    ArgRule::Buffer(b) => mem.bind_buffer(program, group, &d, *b)?,
+                    ArgRule::View(b, off) => {
+                        let base = mem.bind_buffer(program, group, &d, *b)?;
+                        let off = off.eval(&at);
+                        let off = u64::try_from(off)
+                            .map_err(|_| RuntimeError::Input(format!("{what}: a view at offset {off}")))?;
+                        base + off
+                    }
+                    ArgRule::Size(dim) => u64::from(size_arg(dim, &at, &what)?),
+                    ArgRule::U32(v) => u64::from(*v),
+                    ArgRule::F32(v) => u64::from(v.to_bits()),
+                };
+                args.push(typed(value, p.ty, &what)?);
+            }
+            let launch = Launch { grid, block: g.launch.block, dynamic_shared: g.launch.dynamic_shared };
+            let stats = super::run(&g.kernel, &launch, &args, &mut mem.global).map_err(device_error)?;
+            mem.launches += 1;
+            mem.stats.blocks += stats.blocks;
+            mem.stats.instructions += stats.instructions;
+            mem.stats.thread_instructions += stats.thread_instructions;
+            mem.stats.barriers += stats.barriers;
+            mem.stats.shared_bytes = mem.stats.shared_bytes.max(stats.shared_bytes);
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<(), RuntimeError> {
