@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use std::time::Instant;
 
 use flashc_codegen::host::abi::{self, LaunchRecord};
-use flashc_codegen::host::plan::{Arg, RuleSource};
+use flashc_codegen::host::plan::{Arg, GroupRules, RuleSource, StorageClass};
 use flashc_codegen::host::{
     self, Dims, HostSchedule, LaunchPlan, Launched, Options, OwnedLaunch, Phase, RunError, Target, interpret,
 };
@@ -19,7 +19,7 @@ use flashc_codegen::kernels::{ArgRule, LaunchRule};
 use flashc_compiler::gir::{Dim, Mode};
 use flashc_compiler::lower::{LowerOptions, lower};
 use flashc_compiler::passes::{pipeline, run_passes};
-use flashc_compiler::schedule::{KernelId, Launch, Program, schedule};
+use flashc_compiler::schedule::{BufferId, KernelId, Launch, Program, schedule};
 
 fn example_paths() -> Vec<std::path::PathBuf> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
@@ -252,21 +252,33 @@ fn generated_rules_match_the_interpreter() {
                     // Mostly launchable grids, sometimes empty or out of range.
                     if rng.upto(2) == 0 { rng.pick(&dims).clone() } else { rng.pick(&dims[..6]).clone() }
                 };
-                let grid = [grid_dim(&mut rng), grid_dim(&mut rng), grid_dim(&mut rng)];
-                let mut args = Vec::new();
-                for _ in 0..rng.upto(12) {
-                    args.push(match rng.upto(4) {
-                        0 => ArgRule::Size(rng.pick(&dims).clone()),
-                        1 => ArgRule::U32(rng.next() as u32),
-                        2 => ArgRule::F32(f32::from_bits(rng.next() as u32)),
-                        _ => ArgRule::Buffer(*rng.pick(&k.inputs)),
-                    });
+                // Up to two scratch buffers, placeholder ids past the program's buffers.
+                let scratch: Vec<(BufferId, String, Dim)> = (0..rng.upto(3))
+                    .map(|i| (BufferId((p.buffers.len() + i as usize) as u32), format!("s{i}"), rng.pick(&dims).clone()))
+                    .collect();
+                let mut kernels = Vec::new();
+                for _ in 0..1 + rng.upto(3) {
+                    let grid = [grid_dim(&mut rng), grid_dim(&mut rng), grid_dim(&mut rng)];
+                    let mut args = Vec::new();
+                    for _ in 0..rng.upto(12) {
+                        args.push(match rng.upto(6) {
+                            0 => ArgRule::Size(rng.pick(&dims).clone()),
+                            1 => ArgRule::U32(rng.next() as u32),
+                            2 => ArgRule::F32(f32::from_bits(rng.next() as u32)),
+                            3 => ArgRule::View(*rng.pick(&k.inputs), rng.pick(&dims[..6]).clone()),
+                            4 if !scratch.is_empty() => ArgRule::Buffer(rng.pick(&scratch).0),
+                            _ => ArgRule::Buffer(*rng.pick(&k.inputs)),
+                        });
+                    }
+                    let block = [1 + rng.upto(1023) as u32, 1 + rng.upto(3) as u32, 1];
+                    kernels.push(LaunchRule { grid, block, dynamic_shared: rng.upto(1 << 16) as u32, args });
                 }
-                let block = [1 + rng.upto(1023) as u32, 1 + rng.upto(3) as u32, 1];
-                rules.insert(k.id, LaunchRule { grid, block, dynamic_shared: rng.upto(1 << 16) as u32, args });
+                rules.insert(k.id, GroupRules { kernels, scratch });
             }
             let plan = host::plan(&p, &rules).expect("plan");
             assert!(plan.step.launches.iter().any(|l| l.source == RuleSource::Generated));
+            assert!(plan.step.launches.iter().any(|l| l.part > 0), "some groups are several kernels");
+            assert!(plan.slots.iter().any(|s| s.class == StorageClass::Scratch) || rules.values().all(|r| r.scratch.is_empty()));
             check_plan(&format!("tiny-hybrid {mode:?} rules #{round}"), &plan, &mut rng, 40);
         }
     }
@@ -281,11 +293,13 @@ fn a_rule_for_an_unknown_kernel_is_an_error() {
         dynamic_shared: 0,
         args: vec![],
     };
-    let err = host::plan(&p, &BTreeMap::from([(KernelId(9999), rule.clone())])).unwrap_err();
+    let err = host::plan(&p, &BTreeMap::from([(KernelId(9999), GroupRules::one(rule.clone()))])).unwrap_err();
     assert!(err.to_string().contains("k9999"), "{err}");
     let k = p.kernels[0].id;
     let bad = LaunchRule { block: [0, 1, 1], ..rule };
-    assert!(host::plan(&p, &BTreeMap::from([(k, bad)])).is_err());
+    assert!(host::plan(&p, &BTreeMap::from([(k, GroupRules::one(bad))])).is_err());
+    let empty = GroupRules { kernels: Vec::new(), scratch: Vec::new() };
+    assert!(host::plan(&p, &BTreeMap::from([(k, empty)])).is_err());
 }
 
 /// A failing callback stops the schedule: the error names the kernel, and no later kernel runs.
@@ -326,7 +340,7 @@ fn a_callback_error_stops_the_schedule() {
     unsafe extern "C" fn count(ctx: *mut c_void, record: *const LaunchRecord) -> i32 {
         // SAFETY: `ctx` is the `Counter` below; the record is valid during the call.
         let (c, r) = unsafe { (&mut *(ctx as *mut Counter), &*record) };
-        assert_eq!(r.reserved, 0);
+        assert_eq!(r.part, 0);
         c.calls += 1;
         if c.calls == c.fail_at { 7 } else { 0 }
     }

@@ -15,7 +15,7 @@
 //!     uint32_t block[3];   /* offset 16: threads per block in x, y, z                      */
 //!     uint32_t shared;     /* offset 28: dynamic shared memory in bytes                    */
 //!     uint32_t nargs;      /* offset 32: number of kernel parameters in args               */
-//!     uint32_t reserved;   /* offset 36: 0                                                 */
+//!     uint32_t part;       /* offset 36: which of the group's kernels (0 for the first)     */
 //!     const uint64_t *args;/* offset 40: the parameters in order, each widened to 64 bits  */
 //! } LaunchRecord;          /* 48 bytes, 8-aligned                                          */
 //! typedef int32_t (*LaunchFn)(void *ctx, const LaunchRecord *record);
@@ -106,7 +106,7 @@ pub struct LaunchRecord {
     pub block: [u32; 3],
     pub shared: u32,
     pub nargs: u32,
-    pub reserved: u32,
+    pub part: u32,
     pub args: *const u64,
 }
 
@@ -142,7 +142,7 @@ pub const RECORD_GRID: i32 = offset_of!(LaunchRecord, grid) as i32;
 pub const RECORD_BLOCK: i32 = offset_of!(LaunchRecord, block) as i32;
 pub const RECORD_SHARED: i32 = offset_of!(LaunchRecord, shared) as i32;
 pub const RECORD_NARGS: i32 = offset_of!(LaunchRecord, nargs) as i32;
-pub const RECORD_RESERVED: i32 = offset_of!(LaunchRecord, reserved) as i32;
+pub const RECORD_PART: i32 = offset_of!(LaunchRecord, part) as i32;
 pub const RECORD_ARGS: i32 = offset_of!(LaunchRecord, args) as i32;
 /// Byte size and alignment of a `LaunchRecord`.
 pub const RECORD_BYTES: u32 = size_of::<LaunchRecord>() as u32;
@@ -159,7 +159,7 @@ const _: () = {
     assert!(RECORD_BLOCK == 16);
     assert!(RECORD_SHARED == 28);
     assert!(RECORD_NARGS == 32);
-    assert!(RECORD_RESERVED == 36);
+    assert!(RECORD_PART == 36);
     assert!(cfg!(not(target_pointer_width = "64")) || (RECORD_ARGS == 40 && RECORD_BYTES == 48));
 };
 
@@ -167,6 +167,8 @@ const _: () = {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launched<'a> {
     pub kernel: KernelId,
+    /// Which of the group's kernels (a kernel group may be several kernels, in order).
+    pub part: u32,
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared: u32,
@@ -178,6 +180,7 @@ impl Launched<'_> {
     pub fn owned(&self) -> OwnedLaunch {
         OwnedLaunch {
             kernel: self.kernel,
+            part: self.part,
             grid: self.grid,
             block: self.block,
             shared: self.shared,
@@ -200,7 +203,7 @@ impl Launched<'_> {
             // SAFETY: as above.
             unsafe { std::slice::from_raw_parts(r.args, r.nargs as usize) }
         };
-        Launched { kernel: KernelId(r.kernel), grid: r.grid, block: r.block, shared: r.shared, args }
+        Launched { kernel: KernelId(r.kernel), part: r.part, grid: r.grid, block: r.block, shared: r.shared, args }
     }
 }
 
@@ -208,6 +211,7 @@ impl Launched<'_> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnedLaunch {
     pub kernel: KernelId,
+    pub part: u32,
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared: u32,

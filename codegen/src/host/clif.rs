@@ -174,8 +174,6 @@ impl Gen<'_> {
         ));
         let record = self.b.ins().stack_addr(PTR, record_slot, 0);
         let args = self.b.ins().stack_addr(PTR, args_slot, 0);
-        let zero = self.iconst(I32, 0);
-        self.store(zero, record, abi::RECORD_RESERVED);
         self.store(args, record, abi::RECORD_ARGS);
         let uses_arena = seq.launches.iter().flat_map(|l| &l.args).any(|a| matches!(a, Arg::Address { slot: 0, .. }));
         let arena = uses_arena.then(|| self.b.ins().load(I64, trusted_readonly(), bases, 0));
@@ -257,6 +255,8 @@ impl Gen<'_> {
             // The record, the call, the status.
             let kernel = self.iconst(I32, i64::from(l.kernel.0));
             self.store(kernel, record, abi::RECORD_KERNEL);
+            let part = self.iconst(I32, i64::from(l.part));
+            self.store(part, record, abi::RECORD_PART);
             for (i, g) in grid.iter().enumerate() {
                 let v = match *g {
                     Val::Const(c) => self.iconst(I32, c),

@@ -28,9 +28,8 @@ use flashc_compiler::schedule::{KernelId, Program};
 
 pub use abi::{Dims, Launched, OwnedLaunch};
 pub use jit::{HostSchedule, compile, host_isa};
-pub use plan::{LaunchPlan, Phase, interpret, plan};
+pub use plan::{GroupRules, LaunchPlan, Phase, interpret, plan};
 
-use crate::kernels::LaunchRule;
 
 /// Which calling convention the CLIF text is written for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,9 +45,9 @@ pub enum Target {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
     pub target: Target,
-    /// The launch rules of the generated kernels, by kernel id; the other kernels get the default
-    /// launch (`plan::default_rule`).
-    pub rules: BTreeMap<KernelId, LaunchRule>,
+    /// The generated kernels' launch rules and scratch, by kernel id; the other kernels get the
+    /// default launch (`plan::default_rule`).
+    pub rules: BTreeMap<KernelId, GroupRules>,
 }
 
 /// Why a host schedule could not be built.

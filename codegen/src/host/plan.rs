@@ -10,7 +10,10 @@
 //!   share their root's slot and offset.
 //! - a size (a polynomial in B, T, S that must fit in a `u32`), or a constant.
 //!
-//! The kernel generators give a `LaunchRule` per kernel; a kernel without one gets the **default
+//! The kernel generators give a group its kernels' `LaunchRule`s (a group may be several kernels,
+//! launched in order; the record's `part` says which) and the scratch buffers they use: each scratch
+//! buffer gets a storage slot of its own (class `scratch`, with its size in bytes for the device to
+//! allocate), after the program's slots. A group without generated rules gets the **default
 //! launch**: one single-thread block per work item of its `Launch` (the reduction extents, such as
 //! a matmul's `k` or a row's width, are left to the kernel), no shared memory, and as arguments its
 //! input buffers, its output buffers, then every field of its `Launch` as a size:
@@ -153,6 +156,8 @@ pub enum StorageClass {
     State,
     Weight,
     Prepared,
+    /// A scratch buffer of one kernel group's generated kernels (`Slot::bytes` says how large).
+    Scratch,
 }
 
 impl StorageClass {
@@ -163,6 +168,7 @@ impl StorageClass {
             StorageClass::State => "state",
             StorageClass::Weight => "weight",
             StorageClass::Prepared => "prepared",
+            StorageClass::Scratch => "scratch",
         }
     }
 }
@@ -173,8 +179,36 @@ pub struct Slot {
     pub class: StorageClass,
     /// The storage root (none for the arena).
     pub buffer: Option<BufferId>,
-    /// The input, state or weight name, the prepared value (`%24`), or `arena`.
+    /// The input, state or weight name, the prepared value (`%24`), `arena`, or for scratch the
+    /// group and what it holds (`k12 norms`).
     pub name: String,
+    /// For scratch, its size in bytes at the runtime sizes (the device allocates it).
+    pub bytes: Option<Dim>,
+}
+
+/// The generated kernels of one group, as the plan needs them: their launch rules in launch order
+/// and the scratch buffers they name (placeholder ids past the program's buffers), with what each
+/// holds and its size in bytes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupRules {
+    pub kernels: Vec<LaunchRule>,
+    pub scratch: Vec<(BufferId, String, Dim)>,
+}
+
+impl GroupRules {
+    /// One kernel, no scratch.
+    pub fn one(rule: LaunchRule) -> GroupRules {
+        GroupRules { kernels: vec![rule], scratch: Vec::new() }
+    }
+}
+
+impl From<&crate::kernels::dispatch::Dispatched> for GroupRules {
+    fn from(d: &crate::kernels::dispatch::Dispatched) -> GroupRules {
+        GroupRules {
+            kernels: d.kernels.iter().map(|g| g.launch.clone()).collect(),
+            scratch: d.scratch.iter().map(|s| (s.id, s.what.clone(), s.bytes.clone())).collect(),
+        }
+    }
 }
 
 /// A kernel argument.
@@ -201,6 +235,8 @@ pub enum RuleSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedLaunch {
     pub kernel: KernelId,
+    /// Which of the group's kernels (0 for the first).
+    pub part: u32,
     /// The kernel group's name (`rmsnorm_matmul`).
     pub name: String,
     pub grid: [Poly; 3],
@@ -322,15 +358,18 @@ pub fn default_rule(group: &KernelGroup) -> LaunchRule {
     LaunchRule { grid: grid.map(Clone::clone), block: [1, 1, 1], dynamic_shared: 0, args }
 }
 
-/// Plans a program's launches; `rules` holds the generated kernels' launch rules by kernel id
-/// (the others get the default launch).
-pub fn plan(program: &Program, rules: &BTreeMap<KernelId, LaunchRule>) -> Result<LaunchPlan, Error> {
+/// Plans a program's launches; `rules` holds the generated kernels of each group by kernel id (the
+/// other groups get the default launch).
+pub fn plan(program: &Program, rules: &BTreeMap<KernelId, GroupRules>) -> Result<LaunchPlan, Error> {
     let known: BTreeSet<KernelId> = program.prep.iter().chain(&program.kernels).map(|k| k.id).collect();
     if let Some(k) = rules.keys().find(|k| !known.contains(k)) {
         return Err(Error::Plan(format!("a launch rule for {k}, which the program does not have")));
     }
+    if let Some((k, _)) = rules.iter().find(|(_, r)| r.kernels.is_empty()) {
+        return Err(Error::Plan(format!("{k}: generated rules without a kernel")));
+    }
 
-    let mut slots = vec![Slot { class: StorageClass::Arena, buffer: None, name: "arena".to_string() }];
+    let mut slots = vec![Slot { class: StorageClass::Arena, buffer: None, name: "arena".to_string(), bytes: None }];
     let mut slot_of: BTreeMap<BufferId, u32> = BTreeMap::new();
     for b in program.buffers.iter().filter(|b| b.alias.is_none() && !b.kind.in_arena()) {
         let class = match b.kind {
@@ -341,10 +380,29 @@ pub fn plan(program: &Program, rules: &BTreeMap<KernelId, LaunchRule>) -> Result
             BufferKind::Activation | BufferKind::Output => continue,
         };
         slot_of.insert(b.id, slots.len() as u32);
-        slots.push(Slot { class, buffer: Some(b.id), name: b.name.clone() });
+        slots.push(Slot { class, buffer: Some(b.id), name: b.name.clone(), bytes: None });
+    }
+    // Scratch: one slot per (group, scratch buffer), in launch order.
+    let mut scratch_slot: BTreeMap<(KernelId, BufferId), u32> = BTreeMap::new();
+    for k in program.prep.iter().chain(&program.kernels) {
+        for (id, what, bytes) in rules.get(&k.id).map(|r| r.scratch.as_slice()).unwrap_or_default() {
+            if program.buffer(*id).is_some() {
+                return Err(Error::Plan(format!("{}: scratch {id} is a buffer of the program", k.id)));
+            }
+            scratch_slot.insert((k.id, *id), slots.len() as u32);
+            slots.push(Slot {
+                class: StorageClass::Scratch,
+                buffer: None,
+                name: format!("{} {what}", k.id),
+                bytes: Some(bytes.clone()),
+            });
+        }
     }
 
-    let address = |id: BufferId| -> Result<Arg, Error> {
+    let address = |group: KernelId, id: BufferId| -> Result<Arg, Error> {
+        if let Some(slot) = scratch_slot.get(&(group, id)) {
+            return Ok(Arg::Address { buffer: id, slot: *slot, offset: Poly::constant(0) });
+        }
         let b = program.buffer(id).ok_or_else(|| Error::Plan(format!("{id} is not a buffer of the program")))?;
         let root = program
             .buffer(b.root())
@@ -359,46 +417,58 @@ pub fn plan(program: &Program, rules: &BTreeMap<KernelId, LaunchRule>) -> Result
         }
     };
 
-    let launch = |group: &KernelGroup| -> Result<PlannedLaunch, Error> {
-        let (rule, source) = match rules.get(&group.id) {
-            Some(r) => (r.clone(), RuleSource::Generated),
-            None => (default_rule(group), RuleSource::Default),
+    let launches = |group: &KernelGroup| -> Result<Vec<PlannedLaunch>, Error> {
+        let (kernels, source) = match rules.get(&group.id) {
+            Some(r) => (r.kernels.clone(), RuleSource::Generated),
+            None => (vec![default_rule(group)], RuleSource::Default),
         };
-        if rule.block.contains(&0) {
-            return Err(Error::Plan(format!("{}: the block {:?} has a zero dimension", group.id, rule.block)));
+        let mut out = Vec::with_capacity(kernels.len());
+        for (part, rule) in kernels.into_iter().enumerate() {
+            if rule.block.contains(&0) {
+                return Err(Error::Plan(format!("{}: the block {:?} has a zero dimension", group.id, rule.block)));
+            }
+            let args = rule
+                .args
+                .iter()
+                .map(|a| match a {
+                    ArgRule::Buffer(b) => address(group.id, *b),
+                    ArgRule::View(b, bytes) => match address(group.id, *b)? {
+                        Arg::Address { buffer, slot, offset } => {
+                            Ok(Arg::Address { buffer, slot, offset: Poly::new(&offset.dim.add(bytes)) })
+                        }
+                        other => Ok(other),
+                    },
+                    ArgRule::Size(d) => Ok(Arg::Size(Poly::new(d))),
+                    ArgRule::U32(v) => Ok(Arg::Const(u64::from(*v))),
+                    ArgRule::F32(v) => Ok(Arg::Const(u64::from(v.to_bits()))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if u32::try_from(args.len()).is_err() {
+                return Err(Error::Plan(format!("{}: too many arguments", group.id)));
+            }
+            out.push(PlannedLaunch {
+                kernel: group.id,
+                part: part as u32,
+                name: group.name.clone(),
+                grid: rule.grid.each_ref().map(Poly::new),
+                block: rule.block,
+                shared: rule.dynamic_shared,
+                args,
+                source,
+            });
         }
-        let args = rule
-            .args
-            .iter()
-            .map(|a| match a {
-                ArgRule::Buffer(b) => address(*b),
-                ArgRule::View(b, bytes) => match address(*b)? {
-                    Arg::Address { buffer, slot, offset } => {
-                        Ok(Arg::Address { buffer, slot, offset: Poly::new(&offset.dim.add(bytes)) })
-                    }
-                    other => Ok(other),
-                },
-                ArgRule::Size(d) => Ok(Arg::Size(Poly::new(d))),
-                ArgRule::U32(v) => Ok(Arg::Const(u64::from(*v))),
-                ArgRule::F32(v) => Ok(Arg::Const(u64::from(v.to_bits()))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if u32::try_from(args.len()).is_err() {
-            return Err(Error::Plan(format!("{}: too many arguments", group.id)));
-        }
-        Ok(PlannedLaunch {
-            kernel: group.id,
-            name: group.name.clone(),
-            grid: rule.grid.each_ref().map(Poly::new),
-            block: rule.block,
-            shared: rule.dynamic_shared,
-            args,
-            source,
-        })
+        Ok(out)
     };
 
-    let prep = program.prep.iter().map(launch).collect::<Result<Vec<_>, _>>()?;
-    let step = program.kernels.iter().map(launch).collect::<Result<Vec<_>, _>>()?;
+    let flat = |groups: &[KernelGroup]| -> Result<Vec<PlannedLaunch>, Error> {
+        let mut all = Vec::new();
+        for g in groups {
+            all.extend(launches(g)?);
+        }
+        Ok(all)
+    };
+    let prep = flat(&program.prep)?;
+    let step = flat(&program.kernels)?;
     Ok(LaunchPlan {
         name: program.name.clone(),
         mode: program.mode,
@@ -474,6 +544,7 @@ pub fn interpret<E>(
         let to_u32 = |g: i64| u32::try_from(g).unwrap_or(u32::MAX);
         let record = Launched {
             kernel: l.kernel,
+            part: l.part,
             grid: [to_u32(grid[0]), to_u32(grid[1]), to_u32(grid[2])],
             block: l.block,
             shared: l.shared,

@@ -725,7 +725,7 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         pre.push(g);
         scratch.push(("normed A".to_string(), body.ty(a).map_err(CodegenError::Shape)?.clone()));
         a_scratch
-    } else if let Op::RmsNorm { eps } = body.op(a.node)
+    } else if let Op::RmsNorm { .. } = body.op(a.node)
         && let nops = body.operands(a.node)
         && let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]))
         && let Some(xp) = param_index(body, x)
