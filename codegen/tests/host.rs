@@ -254,7 +254,9 @@ fn generated_rules_match_the_interpreter() {
                 };
                 // Up to two scratch buffers, placeholder ids past the program's buffers.
                 let scratch: Vec<(BufferId, String, Dim)> = (0..rng.upto(3))
-                    .map(|i| (BufferId((p.buffers.len() + i as usize) as u32), format!("s{i}"), rng.pick(&dims).clone()))
+                    .map(|i| {
+                        (BufferId((p.buffers.len() + i as usize) as u32), format!("s{i}"), rng.pick(&dims).clone())
+                    })
                     .collect();
                 let mut kernels = Vec::new();
                 for _ in 0..1 + rng.upto(3) {
@@ -278,7 +280,10 @@ fn generated_rules_match_the_interpreter() {
             let plan = host::plan(&p, &rules).expect("plan");
             assert!(plan.step.launches.iter().any(|l| l.source == RuleSource::Generated));
             assert!(plan.step.launches.iter().any(|l| l.part > 0), "some groups are several kernels");
-            assert!(plan.slots.iter().any(|s| s.class == StorageClass::Scratch) || rules.values().all(|r| r.scratch.is_empty()));
+            assert!(
+                plan.slots.iter().any(|s| s.class == StorageClass::Scratch)
+                    || rules.values().all(|r| r.scratch.is_empty())
+            );
             check_plan(&format!("tiny-hybrid {mode:?} rules #{round}"), &plan, &mut rng, 40);
         }
     }

@@ -188,6 +188,8 @@ pub struct CudaMemory {
     at: Bindings,
     arena: DevBuf,
     buffers: BTreeMap<BufferId, DevBuf>,
+    /// Scratch of a compiled schedule's slots, by slot index.
+    scratch: BTreeMap<usize, DevBuf>,
 }
 
 impl Device for Cuda {
@@ -206,7 +208,7 @@ impl Device for Cuda {
                 .map_err(|_| RuntimeError::Input(format!("{} has a negative size", b.id)))?;
             buffers.insert(b.id, alloc(bytes)?);
         }
-        Ok(CudaMemory { at: *at, arena, buffers })
+        Ok(CudaMemory { at: *at, arena, buffers, scratch: BTreeMap::new() })
     }
 
     fn share_weight(&self, mem: &mut CudaMemory, buffer: BufferId, data: Arc<Vec<f32>>) -> Result<(), RuntimeError> {
@@ -278,5 +280,48 @@ impl Device for Cuda {
         self.bind()?;
         // SAFETY: no arguments.
         check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+    }
+
+    fn bases(
+        &self,
+        program: &Program,
+        plan: &flashc_codegen::host::LaunchPlan,
+        mem: &mut CudaMemory,
+    ) -> Result<Vec<u64>, RuntimeError> {
+        use flashc_codegen::host::plan::StorageClass;
+        self.bind()?;
+        let mut bases = Vec::with_capacity(plan.slots.len());
+        for (i, slot) in plan.slots.iter().enumerate() {
+            bases.push(match (slot.class, slot.buffer, &slot.bytes) {
+                (StorageClass::Arena, _, _) => mem.arena.ptr,
+                (StorageClass::Scratch, _, Some(bytes)) => {
+                    if !mem.scratch.contains_key(&i) {
+                        let n = usize::try_from(bytes.eval(&mem.at))
+                            .map_err(|_| RuntimeError::Input(format!("scratch `{}` has a negative size", slot.name)))?;
+                        mem.scratch.insert(i, alloc(n)?);
+                    }
+                    mem.scratch[&i].ptr
+                }
+                (_, Some(b), _) => {
+                    let root = program.buffer(b).map_or(b, |x| x.root());
+                    mem.buffers
+                        .get(&root)
+                        .map(|d| d.ptr)
+                        .ok_or_else(|| RuntimeError::Input(format!("{b} has no storage")))?
+                }
+                _ => return Err(RuntimeError::Compile(format!("slot {i} (`{}`) has no storage", slot.name))),
+            });
+        }
+        Ok(bases)
+    }
+
+    fn launch(
+        &self,
+        program: &Program,
+        mem: &mut CudaMemory,
+        launch: &flashc_codegen::host::Launched<'_>,
+    ) -> Result<(), RuntimeError> {
+        let group = crate::device::group(program, launch.kernel)?;
+        self.run(program, group, mem)
     }
 }

@@ -5,11 +5,14 @@
 //! allocation per input, state and prepared weight. Weights are shared between the programs of a model
 //! (prefill and decode) without copies. Callers only use these calls, so a new device changes no caller.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use flashc_codegen::host::plan::GroupRules;
+use flashc_codegen::host::{LaunchPlan, Launched};
 use flashc_compiler::gir::Bindings;
-use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
+use flashc_compiler::schedule::{BufferId, KernelGroup, KernelId, Program};
 
 use crate::cpu::KernelError;
 use crate::weights::WeightError;
@@ -103,4 +106,29 @@ pub trait Device {
 
     /// Waits until every kernel issued so far has finished.
     fn synchronize(&self) -> Result<(), RuntimeError>;
+
+    /// The generated kernels this device launches for each group of `program` (launch rules and
+    /// scratch), for the compiled host schedule. A group without an entry runs whole from its
+    /// default launch (the cpu runs every group that way).
+    fn rules(&self, _program: &Program) -> Result<BTreeMap<KernelId, GroupRules>, RuntimeError> {
+        Ok(BTreeMap::new())
+    }
+
+    /// The base-pointer table of `plan` (one address per slot, in slot order) for `mem`; scratch
+    /// slots are allocated on first use. Devices without addresses (the cpu) return zeros.
+    fn bases(&self, program: &Program, plan: &LaunchPlan, mem: &mut Self::Memory) -> Result<Vec<u64>, RuntimeError>;
+
+    /// Performs one launch of the compiled host schedule: part `launch.part` of group
+    /// `launch.kernel`, with the grid, block and arguments the schedule computed.
+    fn launch(&self, program: &Program, mem: &mut Self::Memory, launch: &Launched<'_>) -> Result<(), RuntimeError>;
+}
+
+/// The kernel group of `program` (prep or step) with the given id.
+pub fn group(program: &Program, id: KernelId) -> Result<&KernelGroup, RuntimeError> {
+    program
+        .prep
+        .iter()
+        .chain(&program.kernels)
+        .find(|k| k.id == id)
+        .ok_or_else(|| RuntimeError::Compile(format!("the schedule launched {id}, which the program does not have")))
 }

@@ -44,6 +44,7 @@ pub mod bench;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod host;
 pub mod model;
 pub mod sample;
 pub mod session;

@@ -56,11 +56,8 @@ fn buffers_are_stored_in_their_dtype_and_groups_run_through_the_dispatcher() {
 
     // Kernel groups run through codegen's dispatcher: the embedding gathers the tokens' rows.
     let embed = program.kernels.iter().find(|k| k.name == "embed").expect("an embedding");
-    let table = embed
-        .inputs
-        .iter()
-        .find_map(|b| weights.iter().find(|w| w.id == *b))
-        .expect("the embedding table is a weight");
+    let table =
+        embed.inputs.iter().find_map(|b| weights.iter().find(|w| w.id == *b)).expect("the embedding table is a weight");
     Sim.run(&program, embed, &mut mem).expect("the embedding runs");
     let hidden = 16;
     let table_data = Sim.download(&program, &mem, table.id).expect("downloads").into_f32().expect("float");

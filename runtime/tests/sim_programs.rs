@@ -7,11 +7,13 @@
 
 use std::collections::BTreeMap;
 
+use flashc_codegen::host::Phase;
 use flashc_compiler::gir::{Bindings, DType, Mode};
 use flashc_compiler::schedule::{BufferId, BufferKind, Program};
 use flashc_runtime::cpu::Cpu;
 use flashc_runtime::device::{Device, HostData};
-use flashc_runtime::model::Model;
+use flashc_runtime::host::Scheduled;
+use flashc_runtime::model::{Model, execute};
 use flashc_runtime::sim::{Sim, bf16_to_f32, f32_to_bf16};
 use flashc_runtime::weights::init;
 
@@ -149,4 +151,34 @@ fn tiny_hybrid_prefill_groups_on_the_sim_match_the_cpu() {
         eprintln!("  {k:<48} {e:.2e}");
     }
     assert!(checked.len() >= 43, "{} groups checked", checked.len());
+}
+
+/// The compiled host schedule drives the cpu launch for launch: a tiny-hybrid decode step and a
+/// prefill run through it give exactly the plain run's results.
+#[test]
+fn the_host_schedule_drives_the_cpu_exactly_like_the_plain_run() {
+    let model = tiny_bf16();
+    for (entry, at) in [(&model.decode, Bindings { b: 2, t: 1, s: 0 }), (&model.prefill, Bindings { b: 2, t: 5, s: 0 })]
+    {
+        let p = &entry.program;
+        let scheduled = Scheduled::new(&Cpu, p).expect("schedule");
+        let mut plain = model.instantiate(&Cpu, entry, &at).expect("memory");
+        let mut driven = model.instantiate(&Cpu, entry, &at).expect("memory");
+        for (id, data) in step_inputs(p, &at, model.spec.vocab as u32) {
+            Cpu.upload(&mut plain, id, data.clone()).expect("upload");
+            Cpu.upload(&mut driven, id, data).expect("upload");
+        }
+        execute(&Cpu, p, &mut plain).expect("plain run");
+        let launches = scheduled.run(&Cpu, p, &mut driven, &at, Phase::Step).expect("scheduled run");
+        assert_eq!(launches, p.kernels.len(), "{:?}: one launch per group on the cpu", p.mode);
+        for b in p.buffers.iter().filter(|b| matches!(b.kind, BufferKind::Output | BufferKind::State)) {
+            assert_eq!(
+                Cpu.download(p, &driven, b.id).expect("download"),
+                Cpu.download(p, &plain, b.id).expect("download"),
+                "{:?}: {} differs",
+                p.mode,
+                b.name
+            );
+        }
+    }
 }

@@ -30,7 +30,6 @@ pub use abi::{Dims, Launched, OwnedLaunch};
 pub use jit::{HostSchedule, compile, host_isa};
 pub use plan::{GroupRules, LaunchPlan, Phase, interpret, plan};
 
-
 /// Which calling convention the CLIF text is written for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Target {

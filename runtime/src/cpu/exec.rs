@@ -124,6 +124,33 @@ impl Device for Cpu {
     fn synchronize(&self) -> Result<(), RuntimeError> {
         Ok(())
     }
+
+    fn bases(
+        &self,
+        _program: &Program,
+        plan: &flashc_codegen::host::LaunchPlan,
+        _mem: &mut CpuMemory,
+    ) -> Result<Vec<u64>, RuntimeError> {
+        Ok(vec![0; plan.slots.len()])
+    }
+
+    /// The cpu runs each group whole (its kernels are per group): the launch says which group, in
+    /// the schedule's order; its grid and arguments are not needed.
+    fn launch(
+        &self,
+        program: &Program,
+        mem: &mut CpuMemory,
+        launch: &flashc_codegen::host::Launched<'_>,
+    ) -> Result<(), RuntimeError> {
+        if launch.part != 0 {
+            return Err(RuntimeError::Compile(format!(
+                "the cpu runs {} whole, but the schedule launched its kernel {}",
+                launch.kernel, launch.part
+            )));
+        }
+        let group = crate::device::group(program, launch.kernel)?;
+        self.run(program, group, mem)
+    }
 }
 
 /// Reads any buffer of a program (arena, input, state, prepared or weight) as host data.

@@ -17,8 +17,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flashc_codegen::kernels::ArgRule;
+use flashc_codegen::host::plan::{GroupRules, StorageClass};
+use flashc_codegen::host::{LaunchPlan, Launched};
 use flashc_codegen::kernels::dispatch::{self, Dispatched};
+use flashc_codegen::kernels::{ArgRule, Generated};
 use flashc_codegen::kir::ParamTy;
 use flashc_compiler::gir::{Bindings, DType, Dim};
 use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, KernelId, Launch as GroupLaunch, Program};
@@ -53,6 +55,8 @@ pub struct SimMemory {
     generated: BTreeMap<KernelId, Arc<Dispatched>>,
     /// Each group's scratch allocations, by placeholder id.
     scratch: BTreeMap<(KernelId, BufferId), u64>,
+    /// Scratch allocations of a compiled schedule's slots, by slot index.
+    slot_scratch: BTreeMap<usize, u64>,
     /// What the launches executed so far (summed; `shared_bytes` is the largest).
     pub stats: Stats,
     /// Kernel launches so far.
@@ -174,7 +178,13 @@ impl SimMemory {
     }
 
     /// The address of a buffer named by a launch rule: a program buffer or one of the group's scratch.
-    fn bind_buffer(&mut self, program: &Program, group: &KernelGroup, d: &Dispatched, id: BufferId) -> Result<u64, RuntimeError> {
+    fn bind_buffer(
+        &mut self,
+        program: &Program,
+        group: &KernelGroup,
+        d: &Dispatched,
+        id: BufferId,
+    ) -> Result<u64, RuntimeError> {
         let Some(s) = d.scratch.iter().find(|s| s.id == id) else {
             return self.address(program, id);
         };
@@ -187,6 +197,52 @@ impl SimMemory {
         let addr = alloc_zeroed(&mut self.global, bytes.max(1))?;
         self.scratch.insert((group.id, id), addr);
         Ok(addr)
+    }
+
+    /// The kernels of `group`, before its first kernel runs: checks the row limit of the generated
+    /// kernels and clears zeroed storage whose lifetime starts here.
+    fn begin_group(&mut self, program: &Program, group: &KernelGroup) -> Result<Arc<Dispatched>, RuntimeError> {
+        let d = self.kernels(program, group)?;
+        if let Some(max) = d.max_rows {
+            let rows = match &group.launch {
+                GroupLaunch::Matmul { batch, m, .. } => batch.mul(m).eval(&self.at),
+                _ => self.at.b * self.at.t,
+            };
+            if rows > i64::from(max) {
+                return Err(RuntimeError::Input(format!(
+                    "{} ({}): {rows} rows, and its kernels compute at most {max}",
+                    group.id, group.name
+                )));
+            }
+        }
+        self.clear_zeroed(program, group)?;
+        Ok(d)
+    }
+
+    /// Interprets one kernel with raw 64-bit arguments (typed by its parameters) and adds up what
+    /// it executed.
+    fn launch_kernel(&mut self, g: &Generated, launch: &Launch, raw: &[u64]) -> Result<(), RuntimeError> {
+        if raw.len() != g.kernel.params.len() {
+            return Err(RuntimeError::Compile(format!(
+                "{}: {} arguments for {} parameters",
+                g.kernel.name,
+                raw.len(),
+                g.kernel.params.len()
+            )));
+        }
+        let args = raw
+            .iter()
+            .zip(&g.kernel.params)
+            .map(|(v, p)| typed(*v, p.ty, &format!("{} parameter `{}`", g.kernel.name, p.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stats = super::run(&g.kernel, launch, &args, &mut self.global).map_err(device_error)?;
+        self.launches += 1;
+        self.stats.blocks += stats.blocks;
+        self.stats.instructions += stats.instructions;
+        self.stats.thread_instructions += stats.thread_instructions;
+        self.stats.barriers += stats.barriers;
+        self.stats.shared_bytes = self.stats.shared_bytes.max(stats.shared_bytes);
+        Ok(())
     }
 
     /// Clears the zeroed arena storage whose lifetime starts at `group`.
@@ -238,6 +294,7 @@ impl Device for Sim {
             weights,
             generated: BTreeMap::new(),
             scratch: BTreeMap::new(),
+            slot_scratch: BTreeMap::new(),
             stats: Stats::default(),
             launches: 0,
         })
@@ -285,20 +342,7 @@ impl Device for Sim {
     }
 
     fn run(&self, program: &Program, group: &KernelGroup, mem: &mut SimMemory) -> Result<(), RuntimeError> {
-        let d = mem.kernels(program, group)?;
-        if let Some(max) = d.max_rows {
-            let rows = match &group.launch {
-                GroupLaunch::Matmul { batch, m, .. } => batch.mul(m).eval(&mem.at),
-                _ => mem.at.b * mem.at.t,
-            };
-            if rows > i64::from(max) {
-                return Err(RuntimeError::Input(format!(
-                    "{} ({}): {rows} rows, and its kernels compute at most {max}",
-                    group.id, group.name
-                )));
-            }
-        }
-        mem.clear_zeroed(program, group)?;
+        let d = mem.begin_group(program, group)?;
         let at = mem.at;
         for g in d.kernels.iter() {
             let grid = g.launch.grid_at(&at);
@@ -314,33 +358,72 @@ impl Device for Sim {
                 )));
             }
             let mut args = Vec::with_capacity(g.launch.args.len());
-            for (rule, p) in g.launch.args.iter().zip(&g.kernel.params) {
-                let what = format!("{} parameter `{}`", g.kernel.name, p.name);
+            for rule in &g.launch.args {
                 let value = match rule {
                     ArgRule::Buffer(b) => mem.bind_buffer(program, group, &d, *b)?,
                     ArgRule::View(b, off) => {
                         let base = mem.bind_buffer(program, group, &d, *b)?;
                         let off = off.eval(&at);
                         let off = u64::try_from(off)
-                            .map_err(|_| RuntimeError::Input(format!("{what}: a view at offset {off}")))?;
+                            .map_err(|_| RuntimeError::Input(format!("{}: a view at offset {off}", g.kernel.name)))?;
                         base + off
                     }
-                    ArgRule::Size(dim) => u64::from(size_arg(dim, &at, &what)?),
+                    ArgRule::Size(dim) => u64::from(size_arg(dim, &at, &g.kernel.name)?),
                     ArgRule::U32(v) => u64::from(*v),
                     ArgRule::F32(v) => u64::from(v.to_bits()),
                 };
-                args.push(typed(value, p.ty, &what)?);
+                args.push(value);
             }
             let launch = Launch { grid, block: g.launch.block, dynamic_shared: g.launch.dynamic_shared };
-            let stats = super::run(&g.kernel, &launch, &args, &mut mem.global).map_err(device_error)?;
-            mem.launches += 1;
-            mem.stats.blocks += stats.blocks;
-            mem.stats.instructions += stats.instructions;
-            mem.stats.thread_instructions += stats.thread_instructions;
-            mem.stats.barriers += stats.barriers;
-            mem.stats.shared_bytes = mem.stats.shared_bytes.max(stats.shared_bytes);
+            mem.launch_kernel(g, &launch, &args)?;
         }
         Ok(())
+    }
+
+    fn bases(&self, program: &Program, plan: &LaunchPlan, mem: &mut SimMemory) -> Result<Vec<u64>, RuntimeError> {
+        let mut bases = Vec::with_capacity(plan.slots.len());
+        for (i, slot) in plan.slots.iter().enumerate() {
+            bases.push(match (slot.class, slot.buffer, &slot.bytes) {
+                (StorageClass::Arena, _, _) => mem.arena,
+                (StorageClass::Scratch, _, Some(bytes)) => {
+                    if let Some(a) = mem.slot_scratch.get(&i) {
+                        *a
+                    } else {
+                        let n = bytes.eval(&mem.at);
+                        let n = usize::try_from(n)
+                            .map_err(|_| RuntimeError::Input(format!("scratch `{}` would be {n} bytes", slot.name)))?;
+                        let a = alloc_zeroed(&mut mem.global, n.max(1))?;
+                        mem.slot_scratch.insert(i, a);
+                        a
+                    }
+                }
+                (_, Some(b), _) => mem.address(program, b)?,
+                _ => return Err(RuntimeError::Compile(format!("slot {i} (`{}`) has no storage", slot.name))),
+            });
+        }
+        Ok(bases)
+    }
+
+    fn launch(&self, program: &Program, mem: &mut SimMemory, launch: &Launched<'_>) -> Result<(), RuntimeError> {
+        let group = crate::device::group(program, launch.kernel)?;
+        let d = if launch.part == 0 { mem.begin_group(program, group)? } else { mem.kernels(program, group)? };
+        let g = d.kernels.get(launch.part as usize).ok_or_else(|| {
+            RuntimeError::Compile(format!(
+                "{} has no kernel {} (the schedule and the dispatcher disagree)",
+                group.id, launch.part
+            ))
+        })?;
+        let sim_launch = Launch { grid: launch.grid, block: launch.block, dynamic_shared: launch.shared };
+        mem.launch_kernel(g, &sim_launch, launch.args)
+    }
+
+    fn rules(&self, program: &Program) -> Result<BTreeMap<KernelId, GroupRules>, RuntimeError> {
+        let mut rules = BTreeMap::new();
+        for k in program.prep.iter().chain(&program.kernels) {
+            let d = dispatch::generate(program, k).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+            rules.insert(k.id, GroupRules::from(&d));
+        }
+        Ok(rules)
     }
 
     fn synchronize(&self) -> Result<(), RuntimeError> {

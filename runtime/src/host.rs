@@ -1,0 +1,64 @@
+//! host: a program run by its compiled host schedule (codegen's Cranelift back end) on any device.
+//!
+//! [`Scheduled::new`] asks the device which kernels it launches for each group (`Device::rules`:
+//! the generated kernels on `sim` and `cuda`, the group as a whole on `cpu`), plans the launches
+//! and compiles them to native code. [`Scheduled::run`] fills the base-pointer table from the
+//! device's memory (`Device::bases`) and calls the native prep or step function, which evaluates
+//! every grid and argument for the memory's sizes, skips kernels without work and calls
+//! `Device::launch` for each launch in order. The first failing launch stops the schedule, and its
+//! error is returned as is.
+
+use flashc_codegen::host::{self, Dims, HostSchedule, LaunchPlan, Phase, RunError};
+use flashc_compiler::gir::Bindings;
+use flashc_compiler::schedule::Program;
+
+use crate::device::{Device, RuntimeError};
+
+/// A program's launch plan for one device and its native schedule.
+pub struct Scheduled {
+    pub plan: LaunchPlan,
+    native: HostSchedule,
+}
+
+impl std::fmt::Debug for Scheduled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduled")
+            .field("prep", &self.plan.prep.launches.len())
+            .field("step", &self.plan.step.launches.len())
+            .field("slots", &self.plan.slots.len())
+            .finish()
+    }
+}
+
+impl Scheduled {
+    /// Plans and compiles `program`'s launches for `device`.
+    pub fn new<D: Device>(device: &D, program: &Program) -> Result<Scheduled, RuntimeError> {
+        let rules = device.rules(program)?;
+        let plan = host::plan(program, &rules).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+        let native = host::compile(&plan).map_err(|e| RuntimeError::Compile(e.to_string()))?;
+        Ok(Scheduled { plan, native })
+    }
+
+    /// Runs one phase on `mem` (allocated for `program` at sizes `at`); returns the launches made.
+    pub fn run<D: Device>(
+        &self,
+        device: &D,
+        program: &Program,
+        mem: &mut D::Memory,
+        at: &Bindings,
+        phase: Phase,
+    ) -> Result<usize, RuntimeError> {
+        let bases = device.bases(program, &self.plan, mem)?;
+        let mut launches = 0;
+        let dims = Dims::new(at.b, at.t, at.s);
+        let r = self.native.run(phase, &dims, &bases, &mut |l| {
+            launches += 1;
+            device.launch(program, mem, l)
+        });
+        match r {
+            Ok(()) => Ok(launches),
+            Err(RunError::Launch { error, .. }) => Err(error),
+            Err(e) => Err(RuntimeError::Input(format!("the host schedule of {}: {e}", program.name))),
+        }
+    }
+}
