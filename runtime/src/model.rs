@@ -5,10 +5,16 @@
 //! tokens, **prefix** (the meta tokens alone, run once per model) — through the standard pass
 //! pipeline and the scheduler, and computes each program's prepared weights (packed projections,
 //! `−exp(A_log)`) once. Weights are shared by every program and session.
+//!
+//! Every run goes through the program's compiled host schedule for the device at hand
+//! ([`Entry::run`]; compiled once per device and kept); [`execute`] is the plain group-by-group
+//! loop the schedule is tested against.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use flashc_codegen::host::Phase;
 
 use flashc_compiler::gir::{Bindings, Mode};
 use flashc_compiler::lower::{LowerOptions, lower};
@@ -17,24 +23,58 @@ use flashc_compiler::schedule::{BufferId, BufferKind, Program, schedule};
 use flashc_dsl::ModelSpec;
 
 use crate::device::{Device, HostData, RuntimeError};
+use crate::host::Scheduled;
 use crate::weights::{self, Weights};
 
 /// Prepared-weight buffers of a program and their values.
 type Prepared = Vec<(BufferId, Arc<Vec<f32>>)>;
 
-/// One entry point of a model: its program and its prepared weights.
+/// One entry point of a model: its program, its prepared weights, and its compiled host schedule
+/// per device.
 #[derive(Debug)]
 pub struct Entry {
     pub program: Program,
     prepared: Prepared,
+    schedules: Mutex<BTreeMap<&'static str, Arc<Scheduled>>>,
 }
 
 impl Entry {
+    fn new(program: Program) -> Entry {
+        Entry { program, prepared: Vec::new(), schedules: Mutex::new(BTreeMap::new()) }
+    }
+
     /// An entry point for a program compiled elsewhere (e.g. with other lowering options), with its
     /// prepared weights computed from `model`'s weights.
     pub fn from_program<D: Device>(device: &D, model: &Model, program: Program) -> Result<Entry, RuntimeError> {
-        let prepared = model.prepare(device, &program)?;
-        Ok(Entry { program, prepared })
+        let mut entry = Entry::new(program);
+        entry.prepared = model.prepare(device, &entry)?;
+        Ok(entry)
+    }
+
+    /// The program's host schedule for `device`, compiled on first use.
+    pub fn schedule<D: Device>(&self, device: &D) -> Result<Arc<Scheduled>, RuntimeError> {
+        let mut cache =
+            self.schedules.lock().map_err(|_| RuntimeError::Device("a schedule cache is poisoned".into()))?;
+        if let Some(s) = cache.get(device.name()) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Scheduled::new(device, &self.program)?);
+        cache.insert(device.name(), s.clone());
+        Ok(s)
+    }
+
+    /// Runs one phase of the program on `mem` (allocated at `at`) through the compiled host
+    /// schedule, and waits for it; returns the launches made.
+    pub fn run<D: Device>(
+        &self,
+        device: &D,
+        mem: &mut D::Memory,
+        at: &Bindings,
+        phase: Phase,
+    ) -> Result<usize, RuntimeError> {
+        let n = self.schedule(device)?.run(device, &self.program, mem, at, phase)?;
+        device.synchronize()?;
+        Ok(n)
     }
 }
 
@@ -107,15 +147,15 @@ impl Model {
         let mut model = Model {
             spec,
             weights: shared,
-            prefill: Entry { program: prefill, prepared: Vec::new() },
-            decode: Entry { program: decode, prepared: Vec::new() },
-            prefix: prefix.map(|program| Entry { program, prepared: Vec::new() }),
+            prefill: Entry::new(prefill),
+            decode: Entry::new(decode),
+            prefix: prefix.map(Entry::new),
             prefix_states: BTreeMap::new(),
         };
-        model.prefill.prepared = model.prepare(device, &model.prefill.program)?;
-        model.decode.prepared = model.prepare(device, &model.decode.program)?;
+        model.prefill.prepared = model.prepare(device, &model.prefill)?;
+        model.decode.prepared = model.prepare(device, &model.decode)?;
         if let Some(p) = &model.prefix {
-            let prepared = model.prepare(device, &p.program)?;
+            let prepared = model.prepare(device, p)?;
             if let Some(p) = &mut model.prefix {
                 p.prepared = prepared;
             }
@@ -137,17 +177,17 @@ impl Model {
         self.weights.get(name)
     }
 
-    /// Runs a program's weight preparation once and keeps the results.
-    fn prepare<D: Device>(&self, device: &D, program: &Program) -> Result<Prepared, RuntimeError> {
+    /// Runs a program's weight preparation once (the prep phase of its host schedule) and keeps
+    /// the results.
+    fn prepare<D: Device>(&self, device: &D, entry: &Entry) -> Result<Prepared, RuntimeError> {
+        let program = &entry.program;
         if program.prep.is_empty() {
             return Ok(Vec::new());
         }
-        let mut mem = device.allocate(program, &Bindings { b: 1, t: 1, s: 0 })?;
+        let at = Bindings { b: 1, t: 1, s: 0 };
+        let mut mem = device.allocate(program, &at)?;
         self.bind_weights(device, program, &mut mem)?;
-        for k in &program.prep {
-            device.run(program, k, &mut mem)?;
-        }
-        device.synchronize()?;
+        entry.run(device, &mut mem, &at, Phase::Prep)?;
         let mut out = Vec::new();
         for b in program.buffers.iter().filter(|b| b.kind == BufferKind::Prepared && b.alias.is_none()) {
             match device.download(program, &mem, b.id)? {
@@ -183,7 +223,8 @@ impl Model {
     }
 }
 
-/// Runs every per-step kernel of a program.
+/// Runs every per-step kernel group of a program in order, without the host schedule: the
+/// reference loop the compiled schedule is tested against.
 pub fn execute<D: Device>(device: &D, program: &Program, mem: &mut D::Memory) -> Result<(), RuntimeError> {
     for k in &program.kernels {
         device.run(program, k, mem)?;

@@ -16,7 +16,8 @@ use flashc_compiler::gir::Bindings;
 use flashc_compiler::schedule::{BufferId, BufferKind, Program};
 
 use crate::device::{Device, HostData, RuntimeError};
-use crate::model::{Entry, Model, execute};
+use crate::model::{Entry, Model};
+use flashc_codegen::host::Phase;
 
 /// A state buffer of a program: its name, its root buffer id and its element count per sequence.
 fn state_buffers(program: &Program, at: &Bindings) -> Result<Vec<(String, BufferId, usize)>, RuntimeError> {
@@ -64,7 +65,7 @@ pub fn prefix_states<D: Device>(
             device.upload(&mut mem, b, data)?;
         }
     }
-    execute(device, p, &mut mem)?;
+    entry.run(device, &mut mem, &at, Phase::Step)?;
     let mut states = BTreeMap::new();
     for (name, _, _) in state_buffers(p, &at)? {
         let out =
@@ -86,7 +87,8 @@ pub struct Session<'a, D: Device> {
     /// Tokens cached per sequence, meta tokens included.
     cached: Vec<usize>,
     /// The decode program's memory, holding the states between decode steps.
-    decode_mem: Option<D::Memory>,
+    /// The decode memory and the sizes it was allocated at.
+    decode_mem: Option<(D::Memory, Bindings)>,
     /// Every token fed to each sequence (prompt and generated).
     history: Vec<Vec<u32>>,
     /// Per-kernel times of decode steps, when profiling.
@@ -167,7 +169,7 @@ impl<'a, D: Device> Session<'a, D> {
 
     /// Brings the states back from the decode memory (before a prefill continues the sequences).
     fn pull_states(&mut self) -> Result<(), RuntimeError> {
-        let Some(mem) = self.decode_mem.take() else { return Ok(()) };
+        let Some((mem, _)) = self.decode_mem.take() else { return Ok(()) };
         let p = &self.model.decode.program;
         for (name, _, _) in state_buffers(p, &self.bindings(1))? {
             if let Some(out) = output_buffer(p, &name)
@@ -230,7 +232,7 @@ impl<'a, D: Device> Session<'a, D> {
             let data = self.states.remove(name).unwrap_or_default();
             self.device.upload(&mut mem, *id, HostData::F32(data))?;
         }
-        execute(self.device, prog, &mut mem)?;
+        entry.run(self.device, &mut mem, &at, Phase::Step)?;
         for (name, _, _) in &names {
             let out = output_buffer(prog, name)
                 .ok_or_else(|| RuntimeError::Compile(format!("state {name} has no output")))?;
@@ -280,9 +282,12 @@ impl<'a, D: Device> Session<'a, D> {
                 let data = self.states.remove(&name).unwrap_or_default();
                 self.device.upload(&mut mem, id, HostData::F32(data))?;
             }
-            self.decode_mem = Some(mem);
+            self.decode_mem = Some((mem, at));
         }
-        let Some(mem) = self.decode_mem.as_mut() else { return Err(RuntimeError::Compile("no decode memory".into())) };
+        let Some((mem, at)) = self.decode_mem.as_mut() else {
+            return Err(RuntimeError::Compile("no decode memory".into()));
+        };
+        let at = *at;
         let start: Vec<i32> = self.cached.iter().map(|c| *c as i32).collect();
         for (name, data) in [("tokens", HostData::I32(ids)), ("start", HostData::I32(start))] {
             if let Some(b) = input_buffer(prog, name) {
@@ -290,7 +295,9 @@ impl<'a, D: Device> Session<'a, D> {
             }
         }
         match self.profile.as_mut() {
-            None => execute(self.device, prog, mem)?,
+            None => {
+                entry.run(self.device, mem, &at, Phase::Step)?;
+            }
             Some(profile) => {
                 for k in &prog.kernels {
                     let t = std::time::Instant::now();
