@@ -3,9 +3,11 @@
 //! Layout: the magic bytes `FLASHC\0\n`, then one JSON document (UTF-8, keys in a fixed order):
 //! `format` (the artifact format version), `flashc` (the compiler version), `source_hash` (SHA-256 of
 //! the `.arch` text it was compiled from), `spec`, the weight `manifest` (names, shapes, roles),
-//! `programs` (prefill, decode, train — each the scheduled program with its graph), the `kernels`
-//! generated for each program (kir, PTX per target, launch rule, ptxas resources when known), and
-//! `content_hash`: SHA-256 of the document with `content_hash` empty. The same input gives a
+//! `programs` (prefill, decode, train and, with meta tokens, prefix — each the scheduled program with
+//! its graph), for each program the `kernels` its groups compile to (per kernel: its group and part,
+//! the PTX for sm_80 and for sm_90, the launch rule, the block and static shared memory), the
+//! `scratch` buffers those kernels use and the groups that have no kernel generator yet (`missing`,
+//! with the reason), and `content_hash`: SHA-256 of the document with `content_hash` empty. The same input gives a
 //! byte-identical file. Reading checks the magic, the version and the hash, so a truncated, corrupt
 //! or foreign file is a clear error.
 //!
@@ -14,6 +16,9 @@
 
 use std::path::{Path, PathBuf};
 
+use flashc_codegen::kernels::LaunchRule;
+use flashc_codegen::kernels::dispatch;
+use flashc_codegen::ptx::{self, Options as PtxOptions, Target};
 use flashc_compiler::gir::Mode;
 use flashc_compiler::lower::LowerOptions;
 use flashc_compiler::schedule::Program;
@@ -28,18 +33,38 @@ use crate::weights::{WeightError, write_atomic};
 /// The first bytes of every artifact.
 pub const MAGIC: &[u8; 8] = b"FLASHC\0\n";
 /// The artifact format this build writes and reads.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
+
+/// The PTX targets an artifact carries.
+pub const TARGETS: [Target; 2] = [Target::Sm80, Target::Sm90];
 
 /// A kernel generated for one kernel group of a program.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelArtifact {
     /// The kernel group (`k7`) it implements.
     pub group: u32,
+    /// Its place among the group's kernels (launched in order).
+    pub part: u32,
     pub name: String,
     /// PTX text per target (`sm_80`, `sm_90`).
     pub ptx: Vec<(String, String)>,
-    /// The launch rule, as JSON (see `flashc_codegen::kernels::LaunchRule`).
-    pub launch: serde_json::Value,
+    /// The launch rule (grid, block, dynamic shared memory, arguments).
+    pub launch: LaunchRule,
+    /// Threads per block the kernel is written for.
+    pub block: Option<[u32; 3]>,
+    /// Static shared memory in bytes.
+    pub static_shared: u32,
+}
+
+/// A scratch buffer of one group's kernels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScratchArtifact {
+    pub group: u32,
+    /// The placeholder buffer id the launch rules use.
+    pub buffer: u32,
+    pub what: String,
+    /// Size in bytes, in B, T, S.
+    pub bytes: String,
 }
 
 /// One compiled entry point.
@@ -48,6 +73,55 @@ pub struct ProgramArtifact {
     pub mode: String,
     pub program: Program,
     pub kernels: Vec<KernelArtifact>,
+    pub scratch: Vec<ScratchArtifact>,
+    /// Groups without a kernel generator yet: (group, why). They run on `cpu` only.
+    pub missing: Vec<(u32, String)>,
+}
+
+/// The kernels of a program's groups, their scratch, and the groups without a generator.
+fn kernels_of(program: &Program) -> Result<ProgramArtifact, ArtifactError> {
+    let mut out = ProgramArtifact {
+        mode: program.mode.name().to_string(),
+        program: program.clone(),
+        kernels: Vec::new(),
+        scratch: Vec::new(),
+        missing: Vec::new(),
+    };
+    for (group, result) in dispatch::generate_all(program) {
+        let d = match result {
+            Ok(d) => d,
+            Err(e) => {
+                out.missing.push((group.id.0, e.to_string()));
+                continue;
+            }
+        };
+        for (part, g) in d.kernels.iter().enumerate() {
+            let mut ptx = Vec::new();
+            for target in TARGETS {
+                let text = ptx::write_string(&g.kernel, &PtxOptions { target })
+                    .map_err(|e| ArtifactError::Compile(format!("{}: {e}", g.kernel.name)))?;
+                ptx.push((target.to_string(), text));
+            }
+            out.kernels.push(KernelArtifact {
+                group: group.id.0,
+                part: part as u32,
+                name: g.kernel.name.clone(),
+                ptx,
+                launch: g.launch.clone(),
+                block: g.kernel.block,
+                static_shared: g.kernel.static_shared_bytes(),
+            });
+        }
+        for sc in &d.scratch {
+            out.scratch.push(ScratchArtifact {
+                group: group.id.0,
+                buffer: sc.id.0,
+                what: sc.what.clone(),
+                bytes: sc.bytes.to_string(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// A compiled model.
@@ -104,12 +178,14 @@ pub fn build(source: &str, spec: &ModelSpec) -> Result<Artifact, ArtifactError> 
         // Prefill expects the meta-token prefix in the caches; the prefix entry point prepends it.
         let opts = LowerOptions { mode, prepend_meta: false };
         let program = compile(spec, &opts).map_err(|e| ArtifactError::Compile(e.to_string()))?;
-        programs.push(ProgramArtifact { mode: mode.name().to_string(), program, kernels: Vec::new() });
+        programs.push(kernels_of(&program)?);
     }
     if spec.meta_tokens > 0 {
         let program = compile(spec, &LowerOptions { mode: Mode::Prefill, prepend_meta: true })
             .map_err(|e| ArtifactError::Compile(e.to_string()))?;
-        programs.push(ProgramArtifact { mode: "prefix".to_string(), program, kernels: Vec::new() });
+        let mut p = kernels_of(&program)?;
+        p.mode = "prefix".to_string();
+        programs.push(p);
     }
     let mut a = Artifact {
         format: FORMAT,
@@ -198,13 +274,15 @@ impl Artifact {
         s.push_str(&format!("weights: {} tensors, {params} parameters\n", self.manifest.len()));
         for p in &self.programs {
             let ptx: usize = p.kernels.iter().map(|k| k.ptx.len()).sum();
+            let groups = p.program.prep.len() + p.program.kernels.len();
             s.push_str(&format!(
-                "program {:<8} {:>4} kernels per step, {:>3} at load, {:>4} buffers, arena {}; {} generated kernels, {} PTX modules\n",
+                "program {:<8} {:>4} kernels per step, {:>3} at load, {:>4} buffers, arena {}; {} of {groups} groups generated ({} GPU kernels, {} PTX modules)\n",
                 p.mode,
                 p.program.kernel_count(),
                 p.program.prep.len(),
                 p.program.buffers.len(),
                 p.program.arena.size,
+                groups - p.missing.len(),
                 p.kernels.len(),
                 ptx
             ));

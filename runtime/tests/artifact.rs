@@ -31,6 +31,37 @@ fn artifacts_are_deterministic_and_round_trip() {
     assert!(back.summary().contains("program decode"));
 }
 
+/// Every group of every program is either compiled to kernels (PTX for sm_80 and sm_90, launch rule,
+/// parts numbered from 0) or listed as missing with a reason; the kernels' names and launch rules
+/// are those of the dispatcher.
+#[test]
+fn artifacts_carry_the_kernels_of_every_program() {
+    let a = artifact();
+    for p in &a.programs {
+        let mut generated = 0;
+        for g in p.program.prep.iter().chain(&p.program.kernels) {
+            let parts: Vec<_> = p.kernels.iter().filter(|k| k.group == g.id.0).collect();
+            let missing = p.missing.iter().any(|(k, why)| *k == g.id.0 && !why.is_empty());
+            assert!(parts.is_empty() == missing, "{} {}: generated or missing, not both or neither", p.mode, g.id);
+            for (i, k) in parts.iter().enumerate() {
+                assert_eq!(k.part as usize, i, "{} {}", p.mode, k.name);
+                let targets: Vec<&str> = k.ptx.iter().map(|(t, _)| t.as_str()).collect();
+                assert_eq!(targets, ["sm_80", "sm_90"]);
+                for (t, text) in &k.ptx {
+                    assert!(text.contains(&format!(".target {t}")), "{}: no .target {t}", k.name);
+                    assert!(text.contains(&format!(".entry {}", k.name)), "{}: no entry", k.name);
+                }
+                assert!(k.launch.block.iter().all(|b| *b > 0));
+            }
+            generated += usize::from(!parts.is_empty());
+        }
+        assert!(generated > 0, "{}: no group generated", p.mode);
+        for sc in &p.scratch {
+            assert!(p.kernels.iter().any(|k| k.group == sc.group), "{}: scratch of a group without kernels", p.mode);
+        }
+    }
+}
+
 #[test]
 fn a_model_from_an_artifact_runs_like_one_compiled_directly() {
     let (spec, _) = flashc_dsl::load(SRC).expect("valid");
