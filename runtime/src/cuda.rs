@@ -8,8 +8,11 @@
 //! - Weights are uploaded once per model (in the program's storage type) and shared by every program
 //!   instance; each instance gets one arena allocation and one allocation per input and state.
 //!
-//! The kernels a program launches come from `flashc_codegen::kernels`; a kernel group without a
-//! generator is reported as such.
+//! - Kernels come from `flashc_codegen::kernels::dispatch` (generated once per program instance),
+//!   are written as PTX for the lowest target that expresses them and JIT-compiled by the driver
+//!   for the GPU at hand; a kernel group without a generator is reported as such. Every launch goes
+//!   to one non-blocking stream of the device, in order; uploads and downloads wait for it first.
+//! - `Cuda::time` brackets work with two events on that stream and reports the GPU time.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, c_void};
@@ -17,8 +20,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys;
+use flashc_codegen::kernels::Generated;
+use flashc_codegen::kernels::dispatch::{self, Dispatched};
+use flashc_codegen::kir::ParamTy;
+use flashc_codegen::ptx;
 use flashc_compiler::gir::Bindings;
-use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
+use flashc_compiler::schedule::{BufferId, KernelGroup, KernelId, Program};
 
 use crate::device::{Device, HostData, RuntimeError};
 
@@ -36,9 +43,10 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// A loaded PTX module.
+/// A loaded PTX module and its kernel.
 struct Module {
     handle: sys::CUmodule,
+    function: sys::CUfunction,
 }
 
 // SAFETY: a CUmodule handle may be used from any thread once its context is current.
@@ -47,6 +55,8 @@ unsafe impl Send for Module {}
 /// The `cuda` device: one GPU, its context and a cache of loaded modules.
 pub struct Cuda {
     context: sys::CUcontext,
+    /// The stream every launch goes to.
+    stream: sys::CUstream,
     modules: Mutex<BTreeMap<String, Module>>,
     /// Where failed PTX is written for reproduction.
     dump_dir: PathBuf,
@@ -72,7 +82,12 @@ impl Cuda {
             let mut ctx = std::ptr::null_mut();
             check("cuDevicePrimaryCtxRetain", sys::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
             check("cuCtxSetCurrent", sys::cuCtxSetCurrent(ctx))?;
-            Ok(Cuda { context: ctx, modules: Mutex::new(BTreeMap::new()), dump_dir: std::env::temp_dir() })
+            let mut stream = std::ptr::null_mut();
+            check(
+                "cuStreamCreate",
+                sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32),
+            )?;
+            Ok(Cuda { context: ctx, stream, modules: Mutex::new(BTreeMap::new()), dump_dir: std::env::temp_dir() })
         }
     }
 
@@ -83,11 +98,16 @@ impl Cuda {
 
     /// Loads a PTX module (cached by its text), reporting the JIT logs on failure.
     pub fn load_ptx(&self, kernel: &str, ptx: &str) -> Result<(), RuntimeError> {
+        self.function(kernel, ptx).map(|_| ())
+    }
+
+    /// The kernel `kernel` of a PTX module, loading the module on first use (cached by its text).
+    fn function(&self, kernel: &str, ptx: &str) -> Result<sys::CUfunction, RuntimeError> {
         self.bind()?;
         let key = format!("{kernel}\n{ptx}");
         let mut cache = self.modules.lock().map_err(|_| RuntimeError::Device("module cache poisoned".into()))?;
-        if cache.contains_key(&key) {
-            return Ok(());
+        if let Some(m) = cache.get(&key) {
+            return Ok(m.function);
         }
         let src =
             CString::new(ptx).map_err(|_| RuntimeError::Device(format!("PTX of {kernel} contains a NUL byte")))?;
@@ -129,8 +149,107 @@ impl Cuda {
                 path.display()
             )));
         }
-        cache.insert(key, Module { handle: module });
-        Ok(())
+        let name = CString::new(kernel).map_err(|_| RuntimeError::Device(format!("kernel name {kernel:?}")))?;
+        let mut function = std::ptr::null_mut();
+        // SAFETY: the module was just loaded; the name is NUL-terminated.
+        let r = unsafe { sys::cuModuleGetFunction(&mut function, module, name.as_ptr()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: the module was loaded above and is not cached.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(dev_err(&format!("cuModuleGetFunction({kernel})"), r));
+        }
+        cache.insert(key, Module { handle: module, function });
+        Ok(function)
+    }
+
+    /// Waits for every launch issued to the device's stream.
+    fn sync_stream(&self) -> Result<(), RuntimeError> {
+        self.bind()?;
+        // SAFETY: the stream was created in `new` and lives as long as `self`.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.stream) })
+    }
+
+    /// Launches a generated kernel on the device's stream with raw 64-bit arguments (each passed in
+    /// its parameter's width).
+    fn launch_kernel(&self, g: &Generated, grid: [u32; 3], shared: u32, raw: &[u64]) -> Result<(), RuntimeError> {
+        if raw.len() != g.kernel.params.len() {
+            return Err(RuntimeError::Compile(format!(
+                "{}: {} arguments for {} parameters",
+                g.kernel.name,
+                raw.len(),
+                g.kernel.params.len()
+            )));
+        }
+        let text = ptx::write_string(&g.kernel, &ptx::Options::default())
+            .map_err(|e| RuntimeError::Compile(format!("{}: {e}", g.kernel.name)))?;
+        let f = self.function(&g.kernel.name, &text)?;
+        if shared > 48 * 1024 {
+            // SAFETY: a function of a loaded module; the attribute takes a byte count.
+            check("cuFuncSetAttribute", unsafe {
+                sys::cuFuncSetAttribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+            })?;
+        }
+        // Each value in a u64 slot: a 4-byte parameter reads the low half (little-endian hosts).
+        let mut values: Vec<u64> = raw
+            .iter()
+            .zip(&g.kernel.params)
+            .map(|(v, p)| match p.ty {
+                ParamTy::Ptr | ParamTy::U64 => *v,
+                ParamTy::U32 | ParamTy::S32 | ParamTy::F32 => *v & 0xFFFF_FFFF,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| (v as *mut u64).cast()).collect();
+        let [gx, gy, gz] = grid;
+        let [bx, by, bz] = g.launch.block;
+        // SAFETY: `params` points to one value per kernel parameter, alive during the call (the
+        // driver copies them at launch).
+        check(&format!("cuLaunchKernel({})", g.kernel.name), unsafe {
+            sys::cuLaunchKernel(
+                f,
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                shared,
+                self.stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
+    /// Runs `work` between two events on the device's stream; returns its result and the GPU time
+    /// in milliseconds.
+    pub fn time<T>(&self, work: impl FnOnce() -> Result<T, RuntimeError>) -> Result<(T, f32), RuntimeError> {
+        self.bind()?;
+        let (mut start, mut end) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: out-pointers we own; the events are destroyed below.
+        unsafe {
+            check("cuEventCreate", sys::cuEventCreate(&mut start, 0))?;
+            check("cuEventCreate", sys::cuEventCreate(&mut end, 0))?;
+        }
+        let result = (|| {
+            // SAFETY: events and stream of this context.
+            check("cuEventRecord", unsafe { sys::cuEventRecord(start, self.stream) })?;
+            let out = work()?;
+            check("cuEventRecord", unsafe { sys::cuEventRecord(end, self.stream) })?;
+            check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(end) })?;
+            let mut ms = 0f32;
+            check("cuEventElapsedTime", unsafe { sys::cuEventElapsedTime(&mut ms, start, end) })?;
+            Ok((out, ms))
+        })();
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            sys::cuEventDestroy_v2(start);
+            sys::cuEventDestroy_v2(end);
+        }
+        result
     }
 
     /// Device memory in bytes (free, total).
@@ -145,6 +264,11 @@ impl Cuda {
 
 impl Drop for Cuda {
     fn drop(&mut self) {
+        // SAFETY: the stream was created in `new` and is destroyed once, after its work.
+        unsafe {
+            sys::cuStreamSynchronize(self.stream);
+            sys::cuStreamDestroy_v2(self.stream);
+        }
         if let Ok(mut cache) = self.modules.lock() {
             for (_, m) in std::mem::take(&mut *cache) {
                 // SAFETY: each module was loaded by this device and is unloaded once.
@@ -190,6 +314,32 @@ pub struct CudaMemory {
     buffers: BTreeMap<BufferId, DevBuf>,
     /// Scratch of a compiled schedule's slots, by slot index.
     scratch: BTreeMap<usize, DevBuf>,
+    /// Scratch of groups run one by one, by group and placeholder id.
+    group_scratch: BTreeMap<(KernelId, BufferId), DevBuf>,
+    /// Each group's kernels, generated on first use.
+    generated: BTreeMap<KernelId, Arc<Dispatched>>,
+}
+
+impl CudaMemory {
+    fn kernels(&mut self, program: &Program, group: &KernelGroup) -> Result<Arc<Dispatched>, RuntimeError> {
+        if let Some(d) = self.generated.get(&group.id) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(dispatch::generate(program, group).map_err(|e| RuntimeError::Compile(e.to_string()))?);
+        self.generated.insert(group.id, d.clone());
+        Ok(d)
+    }
+
+    /// The device address of a program buffer (arena buffers at their planned offset).
+    fn address(&self, program: &Program, buffer: BufferId) -> Result<u64, RuntimeError> {
+        let b = program.buffer(buffer).ok_or_else(|| RuntimeError::Input(format!("no buffer {buffer}")))?;
+        let root = program.buffer(b.root()).unwrap_or(b);
+        if root.kind.in_arena() {
+            let off = root.offset.as_ref().map_or(0, |o| o.eval(&self.at));
+            return Ok(self.arena.ptr + off.max(0) as u64);
+        }
+        self.buffers.get(&root.id).map(|d| d.ptr).ok_or_else(|| RuntimeError::Input(format!("{buffer} has no storage")))
+    }
 }
 
 impl Device for Cuda {
@@ -208,7 +358,14 @@ impl Device for Cuda {
                 .map_err(|_| RuntimeError::Input(format!("{} has a negative size", b.id)))?;
             buffers.insert(b.id, alloc(bytes)?);
         }
-        Ok(CudaMemory { at: *at, arena, buffers, scratch: BTreeMap::new() })
+        Ok(CudaMemory {
+            at: *at,
+            arena,
+            buffers,
+            scratch: BTreeMap::new(),
+            group_scratch: BTreeMap::new(),
+            generated: BTreeMap::new(),
+        })
     }
 
     fn share_weight(&self, mem: &mut CudaMemory, buffer: BufferId, data: Arc<Vec<f32>>) -> Result<(), RuntimeError> {
@@ -216,7 +373,7 @@ impl Device for Cuda {
     }
 
     fn upload(&self, mem: &mut CudaMemory, buffer: BufferId, data: HostData) -> Result<(), RuntimeError> {
-        self.bind()?;
+        self.sync_stream()?;
         let b =
             mem.buffers.get(&buffer).ok_or_else(|| RuntimeError::Input(format!("{buffer} cannot be uploaded to")))?;
         // Floats are stored as bf16 when the buffer is 2 bytes per element, else f32; ints as i32.
@@ -238,7 +395,7 @@ impl Device for Cuda {
     }
 
     fn download(&self, program: &Program, mem: &CudaMemory, buffer: BufferId) -> Result<HostData, RuntimeError> {
-        self.bind()?;
+        self.sync_stream()?;
         let buf = program.buffer(buffer).ok_or_else(|| RuntimeError::Input(format!("no buffer {buffer}")))?;
         let root = buf.root();
         let rb = program.buffer(root).unwrap_or(buf);
@@ -269,17 +426,34 @@ impl Device for Cuda {
         })
     }
 
-    fn run(&self, _program: &Program, kernel: &KernelGroup, _mem: &mut CudaMemory) -> Result<(), RuntimeError> {
-        Err(RuntimeError::Device(format!(
-            "no GPU kernel for {} ({}) yet: run this model with `--device cpu`",
-            kernel.id, kernel.name
-        )))
+    fn run(&self, program: &Program, group: &KernelGroup, mem: &mut CudaMemory) -> Result<(), RuntimeError> {
+        let d = mem.kernels(program, group)?;
+        let at = mem.at;
+        for g in &d.kernels {
+            let grid = g.launch.grid_at(&at);
+            if grid.contains(&0) {
+                continue;
+            }
+            let mut address = |b: BufferId| -> Result<u64, RuntimeError> {
+                let Some(sc) = d.scratch.iter().find(|s| s.id == b) else { return mem.address(program, b) };
+                if let Some(buf) = mem.group_scratch.get(&(group.id, b)) {
+                    return Ok(buf.ptr);
+                }
+                let n = usize::try_from(sc.bytes.eval(&at))
+                    .map_err(|_| RuntimeError::Input(format!("{}: scratch `{}` is negative", group.id, sc.what)))?;
+                let buf = alloc(n)?;
+                let ptr = buf.ptr;
+                mem.group_scratch.insert((group.id, b), buf);
+                Ok(ptr)
+            };
+            let raw = crate::device::bind_args(&g.launch, &g.kernel.name, &at, &mut address)?;
+            self.launch_kernel(g, grid, g.launch.dynamic_shared, &raw)?;
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<(), RuntimeError> {
-        self.bind()?;
-        // SAFETY: no arguments.
-        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+        self.sync_stream()
     }
 
     fn bases(
@@ -322,6 +496,20 @@ impl Device for Cuda {
         launch: &flashc_codegen::host::Launched<'_>,
     ) -> Result<(), RuntimeError> {
         let group = crate::device::group(program, launch.kernel)?;
-        self.run(program, group, mem)
+        let d = mem.kernels(program, group)?;
+        let g = d.kernels.get(launch.part as usize).ok_or_else(|| {
+            RuntimeError::Compile(format!(
+                "{} has no kernel {} (the schedule and the dispatcher disagree)",
+                group.id, launch.part
+            ))
+        })?;
+        self.launch_kernel(g, launch.grid, launch.shared, launch.args)
+    }
+
+    fn rules(
+        &self,
+        program: &Program,
+    ) -> Result<BTreeMap<KernelId, flashc_codegen::host::plan::GroupRules>, RuntimeError> {
+        crate::device::generated_rules(program)
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use flashc_codegen::host::plan::GroupRules;
 use flashc_codegen::host::{LaunchPlan, Launched};
+use flashc_codegen::kernels::{ArgRule, LaunchRule};
 use flashc_compiler::gir::Bindings;
 use flashc_compiler::schedule::{BufferId, KernelGroup, KernelId, Program};
 
@@ -131,4 +132,47 @@ pub fn group(program: &Program, id: KernelId) -> Result<&KernelGroup, RuntimeErr
         .chain(&program.kernels)
         .find(|k| k.id == id)
         .ok_or_else(|| RuntimeError::Compile(format!("the schedule launched {id}, which the program does not have")))
+}
+
+/// The raw 64-bit values of a launch rule's arguments at sizes `at` (each parameter widened as the
+/// host schedule passes it): `address` gives a buffer's device address (scratch included); a view
+/// adds its byte offset; a size must fit in a `u32`.
+pub(crate) fn bind_args(
+    rule: &LaunchRule,
+    kernel: &str,
+    at: &Bindings,
+    mut address: impl FnMut(BufferId) -> Result<u64, RuntimeError>,
+) -> Result<Vec<u64>, RuntimeError> {
+    rule.args
+        .iter()
+        .map(|a| match a {
+            ArgRule::Buffer(b) => address(*b),
+            ArgRule::View(b, off) => {
+                let base = address(*b)?;
+                let off = off.eval(at);
+                let off = u64::try_from(off)
+                    .map_err(|_| RuntimeError::Input(format!("{kernel}: a view of {b} at offset {off}")))?;
+                Ok(base.wrapping_add(off))
+            }
+            ArgRule::Size(d) => {
+                let v = d.eval(at);
+                u32::try_from(v)
+                    .map(u64::from)
+                    .map_err(|_| RuntimeError::Input(format!("{kernel}: the size {d} is {v} here, not a u32")))
+            }
+            ArgRule::U32(v) => Ok(u64::from(*v)),
+            ArgRule::F32(v) => Ok(u64::from(v.to_bits())),
+        })
+        .collect()
+}
+
+/// The generated kernels of every group of `program` as the host schedule plans them (the `sim`
+/// and `cuda` devices' rules); a group without a generator is an error naming it.
+pub(crate) fn generated_rules(program: &Program) -> Result<BTreeMap<KernelId, GroupRules>, RuntimeError> {
+    let mut rules = BTreeMap::new();
+    for (k, d) in flashc_codegen::kernels::dispatch::generate_all(program) {
+        let d = d.map_err(|e| RuntimeError::Compile(format!("{e}; run this model on the cpu device")))?;
+        rules.insert(k.id, GroupRules::from(&d));
+    }
+    Ok(rules)
 }

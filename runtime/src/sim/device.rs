@@ -19,10 +19,10 @@ use std::sync::Arc;
 
 use flashc_codegen::host::plan::{GroupRules, StorageClass};
 use flashc_codegen::host::{LaunchPlan, Launched};
+use flashc_codegen::kernels::Generated;
 use flashc_codegen::kernels::dispatch::{self, Dispatched};
-use flashc_codegen::kernels::{ArgRule, Generated};
 use flashc_codegen::kir::ParamTy;
-use flashc_compiler::gir::{Bindings, DType, Dim};
+use flashc_compiler::gir::{Bindings, DType};
 use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, KernelId, Launch as GroupLaunch, Program};
 
 use super::{Arg, GlobalMemory, Launch, SimError, Stats};
@@ -144,12 +144,6 @@ fn alloc_zeroed(mem: &mut GlobalMemory, bytes: usize) -> Result<u64, RuntimeErro
     let addr = mem.alloc(bytes);
     mem.write(addr, &vec![0; bytes]).map_err(device_error)?;
     Ok(addr)
-}
-
-/// A size as a `u32` kernel argument.
-fn size_arg(d: &Dim, at: &Bindings, what: &str) -> Result<u32, RuntimeError> {
-    let v = d.eval(at);
-    u32::try_from(v).map_err(|_| RuntimeError::Input(format!("{what}: the size {d} is {v} here, not a u32")))
 }
 
 /// A bound argument in the type of the parameter that receives it.
@@ -357,23 +351,8 @@ impl Device for Sim {
                     g.kernel.params.len()
                 )));
             }
-            let mut args = Vec::with_capacity(g.launch.args.len());
-            for rule in &g.launch.args {
-                let value = match rule {
-                    ArgRule::Buffer(b) => mem.bind_buffer(program, group, &d, *b)?,
-                    ArgRule::View(b, off) => {
-                        let base = mem.bind_buffer(program, group, &d, *b)?;
-                        let off = off.eval(&at);
-                        let off = u64::try_from(off)
-                            .map_err(|_| RuntimeError::Input(format!("{}: a view at offset {off}", g.kernel.name)))?;
-                        base + off
-                    }
-                    ArgRule::Size(dim) => u64::from(size_arg(dim, &at, &g.kernel.name)?),
-                    ArgRule::U32(v) => u64::from(*v),
-                    ArgRule::F32(v) => u64::from(v.to_bits()),
-                };
-                args.push(value);
-            }
+            let args =
+                crate::device::bind_args(&g.launch, &g.kernel.name, &at, |b| mem.bind_buffer(program, group, &d, b))?;
             let launch = Launch { grid, block: g.launch.block, dynamic_shared: g.launch.dynamic_shared };
             mem.launch_kernel(g, &launch, &args)?;
         }
@@ -418,12 +397,7 @@ impl Device for Sim {
     }
 
     fn rules(&self, program: &Program) -> Result<BTreeMap<KernelId, GroupRules>, RuntimeError> {
-        let mut rules = BTreeMap::new();
-        for k in program.prep.iter().chain(&program.kernels) {
-            let d = dispatch::generate(program, k).map_err(|e| RuntimeError::Compile(e.to_string()))?;
-            rules.insert(k.id, GroupRules::from(&d));
-        }
-        Ok(rules)
+        crate::device::generated_rules(program)
     }
 
     fn synchronize(&self) -> Result<(), RuntimeError> {
