@@ -318,6 +318,27 @@ pub struct CudaMemory {
     group_scratch: BTreeMap<(KernelId, BufferId), DevBuf>,
     /// Each group's kernels, generated on first use.
     generated: BTreeMap<KernelId, Arc<Dispatched>>,
+    /// Decode steps run on this memory so far (the second is recorded).
+    steps: u64,
+    /// The recorded decode step: its graph, base pointers, sizes and launch count.
+    graph: Option<Graph>,
+}
+
+/// An instantiated CUDA graph of one decode step.
+struct Graph {
+    exec: sys::CUgraphExec,
+    bases: Vec<u64>,
+    at: Bindings,
+    launches: usize,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: instantiated once by `end_recording`, destroyed once.
+        unsafe {
+            sys::cuGraphExecDestroy(self.exec);
+        }
+    }
 }
 
 impl CudaMemory {
@@ -365,6 +386,8 @@ impl Device for Cuda {
             scratch: BTreeMap::new(),
             group_scratch: BTreeMap::new(),
             generated: BTreeMap::new(),
+            steps: 0,
+            graph: None,
         })
     }
 
@@ -504,6 +527,58 @@ impl Device for Cuda {
             ))
         })?;
         self.launch_kernel(g, launch.grid, launch.shared, launch.args)
+    }
+
+    fn replay(&self, mem: &mut CudaMemory, bases: &[u64], at: &Bindings) -> Result<Option<usize>, RuntimeError> {
+        mem.steps += 1;
+        let Some(g) = &mem.graph else { return Ok(None) };
+        if g.bases != bases || g.at != *at {
+            mem.graph = None;
+            return Ok(None);
+        }
+        self.bind()?;
+        // SAFETY: an instantiated graph of this context, launched on the device's stream.
+        check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(g.exec, self.stream) })?;
+        Ok(Some(g.launches))
+    }
+
+    fn wants_recording(&self, mem: &CudaMemory) -> bool {
+        mem.steps >= 2 && std::env::var_os("FLASHC_NO_CUDA_GRAPHS").is_none()
+    }
+
+    fn begin_recording(&self, _mem: &mut CudaMemory) -> Result<(), RuntimeError> {
+        self.bind()?;
+        // SAFETY: the device's stream; relaxed mode, as module loading may happen during the step.
+        check("cuStreamBeginCapture", unsafe {
+            sys::cuStreamBeginCapture_v2(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        })
+    }
+
+    fn end_recording(
+        &self,
+        mem: &mut CudaMemory,
+        keep: Option<(&[u64], &Bindings, usize)>,
+    ) -> Result<(), RuntimeError> {
+        self.bind()?;
+        let mut graph = std::ptr::null_mut();
+        // SAFETY: ends the capture begun on this stream; the graph is destroyed below.
+        check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(self.stream, &mut graph) })?;
+        let Some((bases, at, launches)) = keep else {
+            // SAFETY: the captured graph, not instantiated.
+            unsafe { sys::cuGraphDestroy(graph) };
+            return Ok(());
+        };
+        let mut exec = std::ptr::null_mut();
+        // SAFETY: a graph captured above; the template is not needed after instantiation.
+        let r = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) };
+        unsafe { sys::cuGraphDestroy(graph) };
+        check("cuGraphInstantiate", r)?;
+        let g = Graph { exec, bases: bases.to_vec(), at: *at, launches };
+        // The captured launches did not run: run the step now.
+        // SAFETY: instantiated above, on the device's stream.
+        check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(g.exec, self.stream) })?;
+        mem.graph = Some(g);
+        Ok(())
     }
 
     fn rules(

@@ -122,6 +122,33 @@ pub trait Device {
     /// Performs one launch of the compiled host schedule: part `launch.part` of group
     /// `launch.kernel`, with the grid, block and arguments the schedule computed.
     fn launch(&self, program: &Program, mem: &mut Self::Memory, launch: &Launched<'_>) -> Result<(), RuntimeError>;
+
+    /// Replays the recording of a decode step made on `mem` for exactly these base pointers and
+    /// sizes, if there is one (CUDA graphs); returns the launches it holds. Devices that do not
+    /// record return `None`, and the schedule runs.
+    fn replay(&self, _mem: &mut Self::Memory, _bases: &[u64], _at: &Bindings) -> Result<Option<usize>, RuntimeError> {
+        Ok(None)
+    }
+
+    /// Whether the next decode step on `mem` should be recorded (after `begin_recording`, launches
+    /// are recorded, not run, until `end_recording`).
+    fn wants_recording(&self, _mem: &Self::Memory) -> bool {
+        false
+    }
+
+    fn begin_recording(&self, _mem: &mut Self::Memory) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Ends a recording. With `keep`, the recording (of `launches` launches, for these base
+    /// pointers and sizes) is kept and run once; otherwise it is discarded.
+    fn end_recording(
+        &self,
+        _mem: &mut Self::Memory,
+        _keep: Option<(&[u64], &Bindings, usize)>,
+    ) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// The kernel group of `program` (prep or step) with the given id.

@@ -7,9 +7,14 @@
 //! every grid and argument for the memory's sizes, skips kernels without work and calls
 //! `Device::launch` for each launch in order. The first failing launch stops the schedule, and its
 //! error is returned as is.
+//!
+//! A decode step on a device that records (`cuda`: CUDA graphs) is recorded once, from the second
+//! step on a memory (the first loads the modules), and replayed while the base pointers and sizes
+//! stay the same; the kernels read the step's inputs (tokens, positions) from device memory, so a
+//! replay computes the new step.
 
 use flashc_codegen::host::{self, Dims, HostSchedule, LaunchPlan, Phase, RunError};
-use flashc_compiler::gir::Bindings;
+use flashc_compiler::gir::{Bindings, Mode};
 use flashc_compiler::schedule::Program;
 
 use crate::device::{Device, RuntimeError};
@@ -49,12 +54,24 @@ impl Scheduled {
         phase: Phase,
     ) -> Result<usize, RuntimeError> {
         let bases = device.bases(program, &self.plan, mem)?;
+        let step = phase == Phase::Step && program.mode == Mode::Decode;
+        if step && let Some(n) = device.replay(mem, &bases, at)? {
+            return Ok(n);
+        }
+        let record = step && device.wants_recording(mem);
+        if record {
+            device.begin_recording(mem)?;
+        }
         let mut launches = 0;
         let dims = Dims::new(at.b, at.t, at.s);
         let r = self.native.run(phase, &dims, &bases, &mut |l| {
             launches += 1;
             device.launch(program, mem, l)
         });
+        if record {
+            let keep = r.is_ok().then_some((bases.as_slice(), at, launches));
+            device.end_recording(mem, keep)?;
+        }
         match r {
             Ok(()) => Ok(launches),
             Err(RunError::Launch { error, .. }) => Err(error),
