@@ -346,7 +346,9 @@ impl CudaMemory {
         if let Some(d) = self.generated.get(&group.id) {
             return Ok(d.clone());
         }
-        let d = Arc::new(dispatch::generate(program, group).map_err(|e| RuntimeError::Compile(e.to_string()))?);
+        let d = Arc::new(dispatch::generate(program, group).map_err(|e| {
+            RuntimeError::Compile(format!("{e}: no GPU kernel for this group; run the model on the cpu device"))
+        })?);
         self.generated.insert(group.id, d.clone());
         Ok(d)
     }
@@ -585,6 +587,6 @@ impl Device for Cuda {
         &self,
         program: &Program,
     ) -> Result<BTreeMap<KernelId, flashc_codegen::host::plan::GroupRules>, RuntimeError> {
-        crate::device::generated_rules(program)
+        Ok(crate::device::generated_rules(program))
     }
 }

@@ -166,7 +166,9 @@ impl SimMemory {
         if let Some(d) = self.generated.get(&group.id) {
             return Ok(d.clone());
         }
-        let d = Arc::new(dispatch::generate(program, group).map_err(|e| RuntimeError::Compile(e.to_string()))?);
+        let d = Arc::new(dispatch::generate(program, group).map_err(|e| {
+            RuntimeError::Compile(format!("{e}: the sim cannot run this group; run the model on the cpu device"))
+        })?);
         self.generated.insert(group.id, d.clone());
         Ok(d)
     }
@@ -397,7 +399,7 @@ impl Device for Sim {
     }
 
     fn rules(&self, program: &Program) -> Result<BTreeMap<KernelId, GroupRules>, RuntimeError> {
-        crate::device::generated_rules(program)
+        Ok(crate::device::generated_rules(program))
     }
 
     fn synchronize(&self) -> Result<(), RuntimeError> {
