@@ -11,11 +11,18 @@
 //! Covered:
 //! - `matmul` (`trans_a = false`, `trans_b = true`, rank-2 bf16 weight) → `gemv` in decode (up to
 //!   `gemv::MAX_ROWS` rows: a decode batch of at most 8 sequences), `gemm` otherwise;
-//! - fused `[add_]rmsnorm_matmul[_epilogue]` bodies: an optional `add(p0, p1)` (its sum is a result of
-//!   the group; it is computed by an elementwise kernel first and read back by the product), an
-//!   optional `rmsnorm` prologue, one matmul, and one epilogue of `swiglu` (gate = first half of the
-//!   product), `relu2`, a bias `add` or a residual `add` → `gemv` / `gemm` with the fused prologue and
-//!   epilogue; a `gated_rmsnorm` before the product runs as its own kernel into a scratch A;
+//! - fused `[add_]rmsnorm_matmul[_epilogue | _tail]` bodies: an optional `add(p0, p1)` (computed by
+//!   an elementwise kernel first into its result, or into scratch `sum` when only the product reads
+//!   it), an optional `rmsnorm` prologue, an optional `slice` of rows (copied by `slice::slice` into
+//!   scratch `sliced A` and normalised by the prologue: the prefill logits head), one matmul, then
+//!   either one epilogue the GEMV / GEMM fuse — `swiglu` (gate = first half of the product), `relu2`,
+//!   a bias `add` or a residual `add` — or a *tail*: the product goes to its result or to scratch
+//!   `product`, and the rest of the body runs after it: a split of the product's last axis into
+//!   parts, each part a chain of reshapes, per-head `rmsnorm` and `rope` (positions from an i32
+//!   `start[B]` operand) or of elementwise ops with vector operands → `heads::tail` (the QKV
+//!   projections, the Mamba2 / DeltaNet input projections); a purely elementwise tail (the logits
+//!   head's `convert` × inverse norm) → `elementwise::fused_elementwise`. A `gated_rmsnorm` before the
+//!   product runs as its own kernel into a scratch A;
 //! - `rmsnorm`, `l2norm`, `gated_rmsnorm` → `norm::for_op`; fused `add_rmsnorm` → `norm::for_add_rmsnorm`;
 //! - elementwise ops and fused elementwise bodies → `elementwise::fused_elementwise`;
 //! - `conv1d` / `conv1d_update` and fused `conv_silu` → `conv::conv1d` / `conv::conv1d_update`;
