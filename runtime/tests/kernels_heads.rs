@@ -82,7 +82,9 @@ fn run_qkv(dtype: DType, shape: Qkv, norm: bool, style: Option<RopeStyle>, symbo
     ];
     dev.launch(&g, &at, &slots);
 
-    let part = |lo: usize, w: usize| -> Vec<f32> { (0..rows).flat_map(|r| p[r * width + lo..r * width + lo + w].to_vec()).collect() };
+    let part = |lo: usize, w: usize| -> Vec<f32> {
+        (0..rows).flat_map(|r| p[r * width + lo..r * width + lo + w].to_vec()).collect()
+    };
     let reference = |x: Vec<f32>, heads: usize, w: &[f32]| -> Vec<f32> {
         let mut y = x.clone();
         if norm {
@@ -158,7 +160,12 @@ fn run_columns(dtype: DType, out_dtype: DType, widths: [usize; 5], rows_at: (Dim
             ColumnOp::Softplus,
             ColumnOp::Mul(v(2, DType::F32, false)),
         ]),
-        PartKind::Columns(vec![ColumnOp::Neg, ColumnOp::Exp, ColumnOp::Mul(v(3, DType::Bf16, true)), ColumnOp::Scale(0.5)]),
+        PartKind::Columns(vec![
+            ColumnOp::Neg,
+            ColumnOp::Exp,
+            ColumnOp::Mul(v(3, DType::Bf16, true)),
+            ColumnOp::Scale(0.5),
+        ]),
     ];
     let parts = kinds
         .into_iter()
@@ -198,16 +205,15 @@ fn run_columns(dtype: DType, out_dtype: DType, widths: [usize; 5], rows_at: (Dim
         slots.push(dev.output(out_dtype, rows * w));
     }
     dev.launch(&g, &at, &slots);
-    let f: [&dyn Fn(usize, f32) -> f32; 5] = [
-        &|_, x| x,
-        &|_, x| x * sigmoid(x),
-        &|_, x| sigmoid(x),
-        &|j, x| softplus(x + bias[j]) * scale[j],
-        &|_, x| (-x).exp() * c[0] * 0.5,
-    ];
+    let f: [&dyn Fn(usize, f32) -> f32; 5] =
+        [&|_, x| x, &|_, x| x * sigmoid(x), &|_, x| sigmoid(x), &|j, x| softplus(x + bias[j]) * scale[j], &|_, x| {
+            (-x).exp() * c[0] * 0.5
+        }];
     for k in 0..5 {
-        let want: Vec<f32> =
-            (0..rows).flat_map(|r| (0..widths[k]).map(move |j| (r, j))).map(|(r, j)| f[k](j, p[r * width + lo[k] + j])).collect();
+        let want: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..widths[k]).map(move |j| (r, j)))
+            .map(|(r, j)| f[k](j, p[r * width + lo[k] + j]))
+            .collect();
         let what = format!("part {k} {}→{} rows={rows} widths={widths:?}", dtype.name(), out_dtype.name());
         check(&what, &dev.read(out_dtype, slots[4 + k], rows * widths[k]), &want, tol(out_dtype));
     }
@@ -264,8 +270,29 @@ fn slice_matches_copy() {
         run_slice(dtype, shape.clone(), 1, meta.clone(), t.clone(), at(3, 11));
         run_slice(dtype, shape, 1, meta.clone(), t.clone(), at(1, 1));
         // Ragged inner widths (vectors of 2 and 1 elements) and a constant shape.
-        run_slice(dtype, vec![b.clone(), t.clone(), Dim::constant(6)], 1, Dim::constant(2), t.sub(&Dim::constant(2)), at(2, 7));
-        run_slice(dtype, vec![Dim::constant(3), Dim::constant(10), Dim::constant(5)], 1, Dim::constant(3), Dim::constant(4), at(1, 1));
-        run_slice(dtype, vec![Dim::constant(6), Dim::constant(4), Dim::constant(8)], 0, Dim::constant(1), Dim::constant(4), at(1, 1));
+        run_slice(
+            dtype,
+            vec![b.clone(), t.clone(), Dim::constant(6)],
+            1,
+            Dim::constant(2),
+            t.sub(&Dim::constant(2)),
+            at(2, 7),
+        );
+        run_slice(
+            dtype,
+            vec![Dim::constant(3), Dim::constant(10), Dim::constant(5)],
+            1,
+            Dim::constant(3),
+            Dim::constant(4),
+            at(1, 1),
+        );
+        run_slice(
+            dtype,
+            vec![Dim::constant(6), Dim::constant(4), Dim::constant(8)],
+            0,
+            Dim::constant(1),
+            Dim::constant(4),
+            at(1, 1),
+        );
     }
 }

@@ -1113,7 +1113,8 @@ fn split_tail(
                         _ => return Err(bad(format!("`{}` of two parts of the product", op.name()))),
                     };
                     let pt = &params[pi as usize];
-                    let vec = heads::Vector { buf: BufferId(pi), dtype: pt.dtype, broadcast: pt.numel() == Dim::constant(1) };
+                    let vec =
+                        heads::Vector { buf: BufferId(pi), dtype: pt.dtype, broadcast: pt.numel() == Dim::constant(1) };
                     chain.push(Step::Col(if matches!(op, Op::Add) { ColumnOp::Add(vec) } else { ColumnOp::Mul(vec) }));
                     chain.push(Step::Check(pi));
                     v = other;

@@ -42,9 +42,7 @@
 use flashc_compiler::gir::{DType, Dim, RopeStyle};
 use flashc_compiler::schedule::BufferId;
 
-use super::elementwise::{
-    self, Args, Elem, blocks, coords, declare_block, grid3, load, round_bf16, store, udiv, urem,
-};
+use super::elementwise::{self, Args, Elem, blocks, coords, declare_block, grid3, load, round_bf16, store, udiv, urem};
 use super::gemm::{rstd, sincos};
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{BinOp, Builder, Cache, Cmp, Operand, Reg, Space, Special, Ty, UnOp};
@@ -170,7 +168,12 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
 
     let mut b = Builder::new(&spec.name);
     declare_block(&mut b, THREADS);
-    b.doc(format!("split-product tail: {} part(s) of a {}-wide {} product row", spec.parts.len(), spec.width, pe.name()));
+    b.doc(format!(
+        "split-product tail: {} part(s) of a {}-wide {} product row",
+        spec.parts.len(),
+        spec.width,
+        pe.name()
+    ));
     b.doc(format!("one block of {THREADS} threads per row; a warp per head, a thread per column"));
     let mut args = Args::default();
     let product = args.ptr(&mut b, "product", spec.product.0);
@@ -309,7 +312,12 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
     let kernel = b.finish();
     Ok(Generated {
         kernel,
-        launch: LaunchRule { grid: grid3(blocks(&spec.rows, 1)), block: [THREADS, 1, 1], dynamic_shared: 0, args: args.rules },
+        launch: LaunchRule {
+            grid: grid3(blocks(&spec.rows, 1)),
+            block: [THREADS, 1, 1],
+            dynamic_shared: 0,
+            args: args.rules,
+        },
     })
 }
 
