@@ -1152,10 +1152,10 @@ fn split_tail(
                 }
             }
             let head_dim = head_dim.unwrap_or(pw);
-            if let Some(n) = &norm {
-                if params[n.weight.0 as usize].numel() != Dim::constant(i64::from(head_dim)) {
-                    return Err(bad(format!("the head norm weight is not [{head_dim}]")));
-                }
+            if let Some(n) = &norm
+                && params[n.weight.0 as usize].numel() != Dim::constant(i64::from(head_dim))
+            {
+                return Err(bad(format!("the head norm weight is not [{head_dim}]")));
             }
             PartKind::Heads { head_dim, norm, rope }
         } else {
