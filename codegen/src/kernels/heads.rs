@@ -145,23 +145,12 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
         if p.lo.checked_add(p.width).is_none_or(|hi| hi > spec.width) {
             return Err(shape(format!("part [{}, +{}) past the product width {}", p.lo, p.width, spec.width)));
         }
-        Elem::of(p.out_dtype, "a tail result")?;
-        if let PartKind::Heads { head_dim, norm, rope } = &p.kind {
+        if let PartKind::Heads { head_dim, rope, .. } = &p.kind {
             if *head_dim == 0 || head_dim % 2 != 0 || *head_dim > MAX_HEAD_DIM || p.width % head_dim != 0 {
                 return Err(shape(format!("head_dim {head_dim} for a part of width {}", p.width)));
             }
-            if let Some(n) = norm {
-                Elem::of(n.dtype, "a head norm weight")?;
-            }
             if rope.is_some() && spec.start.is_none() {
                 return Err(shape("a rotated part without start positions".into()));
-            }
-        }
-        if let PartKind::Columns(ops) = &p.kind {
-            for op in ops {
-                if let ColumnOp::Add(v) | ColumnOp::Mul(v) = op {
-                    Elem::of(v.dtype, "a column vector")?;
-                }
             }
         }
     }
@@ -178,28 +167,35 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
     let mut args = Args::default();
     let product = args.ptr(&mut b, "product", spec.product.0);
     let start = spec.start.map(|s| args.ptr(&mut b, "start", s.0));
+    // Per part: its output (pointer, storage), its norm weight and its chain's vectors.
     struct PartRegs {
         out: Reg,
-        norm_w: Option<Reg>,
-        vectors: Vec<Reg>,
+        oe: Elem,
+        norm: Option<(Reg, Elem, f32)>,
+        vectors: Vec<(Reg, Elem)>,
     }
     let mut regs = Vec::new();
     for (k, p) in spec.parts.iter().enumerate() {
         let out = args.ptr(&mut b, &format!("out{k}"), p.out.0);
-        let mut norm_w = None;
+        let oe = Elem::of(p.out_dtype, "a tail result")?;
+        let mut norm = None;
         let mut vectors = Vec::new();
         match &p.kind {
-            PartKind::Heads { norm: Some(n), .. } => norm_w = Some(args.ptr(&mut b, &format!("norm_w{k}"), n.weight.0)),
+            PartKind::Heads { norm: Some(n), .. } => {
+                let w = args.ptr(&mut b, &format!("norm_w{k}"), n.weight.0);
+                norm = Some((w, Elem::of(n.dtype, "a head norm weight")?, n.eps));
+            }
             PartKind::Heads { .. } => {}
             PartKind::Columns(ops) => {
                 for (j, op) in ops.iter().enumerate() {
                     if let ColumnOp::Add(v) | ColumnOp::Mul(v) = op {
-                        vectors.push(args.ptr(&mut b, &format!("v{k}_{j}"), v.buf.0));
+                        let r = args.ptr(&mut b, &format!("v{k}_{j}"), v.buf.0);
+                        vectors.push((r, Elem::of(v.dtype, "a column vector")?));
                     }
                 }
             }
         }
-        regs.push(PartRegs { out, norm_w, vectors });
+        regs.push(PartRegs { out, oe, norm, vectors });
     }
     let rows = args.size(&mut b, "rows", &spec.rows);
     let tokens = args.size(&mut b, "tokens", &spec.tokens);
@@ -246,10 +242,10 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
             b.cvt(Ty::F32, Ty::S32, p.into())
         });
         for (k, p) in spec.parts.iter().enumerate() {
-            let oe = Elem::of(p.out_dtype, "a tail result").unwrap_or(Elem::F32);
+            let oe = regs[k].oe;
             let orow = b.mul(Ty::U32, row.into(), p.width.into());
             match &p.kind {
-                PartKind::Heads { head_dim, norm, rope } => {
+                PartKind::Heads { head_dim, rope, .. } => {
                     b.comment(format!("part {k}: {} heads of {head_dim}", p.width / head_dim));
                     let table = rope.map(|r| {
                         let key = (*head_dim, r.theta.to_bits());
@@ -265,7 +261,7 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
                         orow,
                         product,
                         out: regs[k].out,
-                        norm: norm.as_ref().map(|n| (regs[k].norm_w.unwrap_or(product), n.dtype, n.eps)),
+                        norm: regs[k].norm,
                         rope: rope.zip(table).zip(pos).map(|((r, t), pos)| (r.style, t, pos)),
                     };
                     b.for_(Ty::U32, c.warp.into(), heads.into(), WARPS.into(), |b, h| hp.emit(b, h, c.lane));
@@ -291,9 +287,9 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
                                 ColumnOp::Scale(f) => b.mul(Ty::F32, x.into(), (*f).into()),
                                 ColumnOp::RoundBf16 => round_bf16(b, x),
                                 ColumnOp::Add(v) | ColumnOp::Mul(v) => {
-                                    let ve = Elem::of(v.dtype, "a column vector").unwrap_or(Elem::F32);
+                                    let (vr, ve) = vectors[vi];
                                     let idx = if v.broadcast { b.mov(Ty::U32, 0u32.into()) } else { col };
-                                    let va = b.index(vectors[vi], idx, ve.bytes());
+                                    let va = b.index(vr, idx, ve.bytes());
                                     vi += 1;
                                     let y = load(b, ve, Cache::ReadOnly, va, 0, 1)[0];
                                     let op = if matches!(op, ColumnOp::Add(_)) { BinOp::Add } else { BinOp::Mul };
@@ -332,7 +328,7 @@ struct HeadPart {
     product: Reg,
     out: Reg,
     /// Weight pointer, its storage, eps.
-    norm: Option<(Reg, DType, f32)>,
+    norm: Option<(Reg, Elem, f32)>,
     /// Style, inverse-frequency table, position (f32).
     rope: Option<(RopeStyle, Operand, Reg)>,
 }
@@ -376,8 +372,7 @@ impl HeadPart {
             let xb = b.selp(Ty::F32, xb.into(), 0.0f32.into(), valid);
             vals.push((ic, ia, ib, valid, xa, xb));
         }
-        if let Some((w, wdt, eps)) = self.norm {
-            let we = Elem::of(wdt, "a head norm weight").unwrap_or(Elem::F32);
+        if let Some((w, we, eps)) = self.norm {
             let mut ss = b.mov(Ty::F32, 0.0f32.into());
             for &(_, _, _, _, xa, xb) in &vals {
                 ss = b.mad(Ty::F32, xa.into(), xa.into(), ss.into());
