@@ -20,13 +20,14 @@
 //! # Numerics
 //!
 //! bf16 or f32 storage, f32 math; intermediate values stay f32 (only an explicit `convert` to bf16
-//! rounds), outputs round to nearest even. RMSNorm: `x · rstd · w`, `rstd = 1 / √(Σx² / d + eps)` with
-//! exact `sqrt.rn` / `rcp.rn` (the cpu kernel's order). RoPE follows the cpu reference: the inverse
-//! frequencies `theta^(−2i/d)` are computed on the host in f64, rounded to f32 and written into a
-//! shared table by thread 0 at kernel start (one barrier); the angle is the f32 product
-//! `(start[b] + t) · inv_freq[i]`, its sine and cosine come from `gemm::sincos` (Cody–Waite reduction
-//! and Cephes polynomials, ~1 ulp; positions must stay below ~10⁵·π). Elementwise ops use the
-//! `elementwise` helpers (same formulas as the fused elementwise kernel).
+//! rounds), outputs round to nearest even. RMSNorm: `x · rstd · w`, `rstd = 1 / √(Σx² · (1/d) + eps)`
+//! with exact `sqrt.rn` / `rcp.rn` (`gemm::rstd`, the cpu kernel's order of the products). RoPE
+//! follows the cpu reference: the inverse frequencies `theta^(−2i/d)` are computed on the host in
+//! f64, rounded to f32 and written into a shared table by thread 0 at kernel start (one barrier); the
+//! angle is the f32 product `(start[b] + t) · inv_freq[i]`, its sine and cosine come from
+//! `gemm::sincos` (Cody–Waite reduction and Cephes polynomials, ~1 ulp; the reduction is exact for
+//! angles below 2¹⁶·π/2 ≈ 10⁵, so positions must stay below that). Elementwise ops use the
+//! `elementwise` helpers (the fused elementwise kernel's formulas).
 //!
 //! # Assumptions
 //!
@@ -37,7 +38,7 @@
 //! # Parameters (in order)
 //!
 //! `product`, `[start]`, then per part its `out`, its norm weight and its chain's vectors (in part
-//! order), then the sizes `rows` and `T` when symbolic.
+//! order), then the sizes `rows` and (with `start`) `T`, each when symbolic.
 
 use flashc_compiler::gir::{DType, Dim, RopeStyle};
 use flashc_compiler::schedule::BufferId;
@@ -198,7 +199,7 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
         regs.push(PartRegs { out, oe, norm, vectors });
     }
     let rows = args.size(&mut b, "rows", &spec.rows);
-    let tokens = args.size(&mut b, "tokens", &spec.tokens);
+    let tokens = start.map(|_| args.size(&mut b, "tokens", &spec.tokens));
     let c = coords(&mut b);
 
     // The inverse-frequency tables, one per distinct (head_dim, theta), filled by thread 0.
@@ -233,7 +234,7 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
     b.for_uniform(Ty::U32, ctaid.into(), rows, nctaid.into(), |b, row| {
         let prow = b.mul(Ty::U32, row.into(), spec.width.into());
         // Position of the row, when a part is rotated.
-        let pos = start.map(|start| {
+        let pos = start.zip(tokens).map(|(start, tokens)| {
             let seq = udiv(b, row, &spec.tokens, tokens);
             let t = urem(b, row, &spec.tokens, tokens);
             let sa = b.index(start, seq, 4);
