@@ -1108,7 +1108,7 @@ fn split_tail(
                 Op::Convert { dtype: DType::F32 } => {}
                 Op::Add | Op::Mul => {
                     let (pi, other) = match (param(vops[0]), param(vops[1])) {
-                        (_, Some(p)) if !desc.contains(&unview(body, vops[1]).node) => (p, vops[0]),
+                        (_, Some(p)) => (p, vops[0]),
                         (Some(p), _) => (p, vops[1]),
                         _ => return Err(bad(format!("`{}` of two parts of the product", op.name()))),
                     };
