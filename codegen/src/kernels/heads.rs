@@ -6,16 +6,19 @@
 //!
 //! # Work split
 //!
-//! * **One block per product row** (128 threads = 4 warps; rows loop grid-stride, the grid has one
-//!   block per row). Row `r` of the product `P[rows, N]` is token `r % T` of sequence `r / T`.
-//! * **Head parts**: a warp owns one head of `head_dim` at a time (heads dealt to the 4 warps
-//!   round-robin, per part). Lane `l` owns the rotation pairs `i = l + 32·e` (`e < ⌈head_dim / 64⌉`,
+//! * **`ways` blocks per product row** (128 threads = 4 warps each; grid x = rows, looped grid-stride,
+//!   grid y = `ways` = ⌈heads of all head parts / 4⌉, at least 1), so that in decode (a few rows) every
+//!   head still gets its own warp. Row `r` of the product `P[rows, N]` is token `r % T` of sequence
+//!   `r / T`.
+//! * **Head parts**: a warp owns one head of `head_dim` at a time: the heads of all head parts, in
+//!   order, are dealt round-robin to the row's `4·ways` warps. Lane `l` owns the rotation pairs
+//!   `i = l + 32·e` (`e < ⌈head_dim / 64⌉`,
 //!   pairs past `head_dim / 2` are masked): elements `(i, i + head_dim/2)` for `rotate_half`,
 //!   `(2i, 2i + 1)` for `interleaved` (the same pairing without a rope). Each element of the head is
 //!   read once from P; the per-head RMSNorm's sum of squares is a butterfly of warp shuffles (every
 //!   lane gets it), so no shared memory or barrier is involved per head.
-//! * **Column parts** (elementwise chains, or a plain copy such as V): the block's threads stride over
-//!   the part's columns, one element each, and apply the chain.
+//! * **Column parts** (elementwise chains, or a plain copy such as V): the row's `128·ways` threads
+//!   stride over the part's columns, one element each, and apply the chain.
 //!
 //! # Numerics
 //!
@@ -43,7 +46,7 @@
 use flashc_compiler::gir::{DType, Dim, RopeStyle};
 use flashc_compiler::schedule::BufferId;
 
-use super::elementwise::{self, Args, Elem, blocks, coords, declare_block, grid3, load, round_bf16, store, udiv, urem};
+use super::elementwise::{self, Args, Elem, blocks, coords, declare_block, load, round_bf16, store, udiv, urem};
 use super::gemm::{rstd, sincos};
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{BinOp, Builder, Cache, Cmp, Operand, Reg, Space, Special, Ty, UnOp};
@@ -156,6 +159,17 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
         }
     }
 
+    let total_heads: u32 = spec
+        .parts
+        .iter()
+        .map(|p| match &p.kind {
+            PartKind::Heads { head_dim, .. } => p.width / head_dim,
+            PartKind::Columns(_) => 0,
+        })
+        .sum();
+    let ways = total_heads.div_ceil(WARPS).max(1);
+    let (all_warps, all_threads) = (ways * WARPS, ways * THREADS);
+
     let mut b = Builder::new(&spec.name);
     declare_block(&mut b, THREADS);
     b.doc(format!(
@@ -164,7 +178,7 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
         spec.width,
         pe.name()
     ));
-    b.doc(format!("one block of {THREADS} threads per row; a warp per head, a thread per column"));
+    b.doc(format!("{ways} block(s) of {THREADS} threads per row; a warp per head, a thread per column"));
     let mut args = Args::default();
     let product = args.ptr(&mut b, "product", spec.product.0);
     let start = spec.start.map(|s| args.ptr(&mut b, "start", s.0));
@@ -229,6 +243,12 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
         b.bar();
     }
 
+    // Blocks along y share a row: `gw` is the warp's index among the row's `ways · WARPS` warps, `gt`
+    // the thread's among its `ways · THREADS` threads.
+    let cy = b.special(Special::CtaidY);
+    let gw = b.mad(Ty::U32, cy.into(), WARPS.into(), c.warp.into());
+    let gt = b.mad(Ty::U32, cy.into(), THREADS.into(), c.tid.into());
+    let mut first_head = 0u32;
     let ctaid = b.special(Special::CtaidX);
     let nctaid = b.special(Special::NctaidX);
     b.for_uniform(Ty::U32, ctaid.into(), rows, nctaid.into(), |b, row| {
@@ -265,13 +285,18 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
                         norm: regs[k].norm,
                         rope: rope.zip(table).zip(pos).map(|((r, t), pos)| (r.style, t, pos)),
                     };
-                    b.for_(Ty::U32, c.warp.into(), heads.into(), WARPS.into(), |b, h| hp.emit(b, h, c.lane));
+                    // Flat head `first_head + h` belongs to warp `(first_head + h) % all_warps`.
+                    let skew = (all_warps - first_head % all_warps) % all_warps;
+                    let h0 = b.add(Ty::U32, gw.into(), skew.into());
+                    let h0 = b.bin(BinOp::Rem, Ty::U32, h0.into(), all_warps.into());
+                    first_head += heads;
+                    b.for_(Ty::U32, h0.into(), heads.into(), all_warps.into(), |b, h| hp.emit(b, h, c.lane));
                 }
                 PartKind::Columns(ops) => {
                     b.comment(format!("part {k}: {} columns, {} op(s)", p.width, ops.len()));
                     let out = regs[k].out;
                     let vectors = &regs[k].vectors;
-                    b.for_(Ty::U32, c.tid.into(), p.width.into(), THREADS.into(), |b, col| {
+                    b.for_(Ty::U32, gt.into(), p.width.into(), all_threads.into(), |b, col| {
                         let src = b.add(Ty::U32, prow.into(), col.into());
                         let src = b.add(Ty::U32, src.into(), p.lo.into());
                         let a = b.index(product, src, pe.bytes());
@@ -310,7 +335,7 @@ pub fn tail(spec: &TailSpec) -> Result<Generated, CodegenError> {
     Ok(Generated {
         kernel,
         launch: LaunchRule {
-            grid: grid3(blocks(&spec.rows, 1)),
+            grid: [blocks(&spec.rows, 1), Dim::constant(i64::from(ways)), Dim::constant(1)],
             block: [THREADS, 1, 1],
             dynamic_shared: 0,
             args: args.rules,
