@@ -3,9 +3,12 @@
 //! table (`cargo test --test kernels_ptx -- --nocapture`). Without ptxas the assembler check is skipped
 //! with a message, unless `FLASHC_REQUIRE_PTXAS=1`.
 
+use flashc_codegen::kernels::heads::{self, ColumnOp, HeadNorm, PartKind, Rope, TailPart, TailSpec, Vector};
+use flashc_codegen::kernels::slice::{self, SliceSpec};
 use flashc_codegen::kernels::{Generated, elementwise, embed, logits, loss, norm, sampling};
 use flashc_codegen::ptx::{Options, Target, ptxas, write_string};
-use flashc_compiler::gir::{DType, Dim, Sym, parse::parse};
+use flashc_compiler::gir::{DType, Dim, RopeStyle, Sym, parse::parse};
+use flashc_compiler::schedule::BufferId;
 
 fn bt() -> Dim {
     Dim::sym(Sym::B).mul(&Dim::sym(Sym::T))
@@ -79,8 +82,76 @@ fn kernels() -> Vec<(String, Generated)> {
         let [a, b] = loss::cross_entropy(&bt(), 131_072, dt).unwrap();
         add(&format!("ce_rows {n}"), a);
         add(&format!("ce_mean {n}"), b);
+        for head_dim in [64, 128, 256] {
+            for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
+                let g = heads::tail(&qkv_tail(dt, head_dim, style)).unwrap();
+                add(&format!("heads {n} d{head_dim} {style:?}"), g);
+            }
+        }
+        add(&format!("heads {n} columns"), heads::tail(&columns_tail(dt)).unwrap());
+        let spec = SliceSpec {
+            name: format!("slice_{n}"),
+            dtype: dt,
+            shape: vec![Dim::sym(Sym::B), Dim::sym(Sym::T).add(&Dim::constant(256)), Dim::constant(2048)],
+            axis: 1,
+            start: Dim::constant(256),
+            len: Dim::sym(Sym::T),
+            x: BufferId(0),
+            out: BufferId(1),
+        };
+        add(&format!("slice {n} 2048"), slice::slice(&spec).unwrap());
     }
     out
+}
+
+/// A Qwen3-style QKV tail: 16 query heads and 8 kv heads, qk-norm and rope, v copied.
+fn qkv_tail(dt: DType, head_dim: u32, style: RopeStyle) -> TailSpec {
+    let (q, kv) = (16 * head_dim, 8 * head_dim);
+    let kind = |w: u32| PartKind::Heads {
+        head_dim,
+        norm: Some(HeadNorm { weight: BufferId(w), dtype: DType::Bf16, eps: 1e-6 }),
+        rope: Some(Rope { style, theta: 1e6 }),
+    };
+    TailSpec {
+        name: format!("qkv_tail_{}_{head_dim}", dt.name()),
+        rows: bt(),
+        tokens: Dim::sym(Sym::T),
+        width: q + 2 * kv,
+        dtype: dt,
+        product: BufferId(0),
+        start: Some(BufferId(1)),
+        parts: vec![
+            TailPart { lo: 0, width: q, out: BufferId(4), out_dtype: dt, kind: kind(2) },
+            TailPart { lo: q, width: kv, out: BufferId(5), out_dtype: dt, kind: kind(3) },
+            TailPart { lo: q + kv, width: kv, out: BufferId(6), out_dtype: dt, kind: PartKind::Columns(Vec::new()) },
+        ],
+    }
+}
+
+/// A Mamba2-style input projection tail: `[z | xBC | softplus(dt + bias)]`.
+fn columns_tail(dt: DType) -> TailSpec {
+    let bias = Vector { buf: BufferId(1), dtype: dt, broadcast: false };
+    let part = |lo: u32, width: u32, out: u32, ops: Vec<ColumnOp>| TailPart {
+        lo,
+        width,
+        out: BufferId(out),
+        out_dtype: dt,
+        kind: PartKind::Columns(ops),
+    };
+    TailSpec {
+        name: format!("columns_tail_{}", dt.name()),
+        rows: bt(),
+        tokens: Dim::sym(Sym::T),
+        width: 4096 + 4352 + 64,
+        dtype: dt,
+        product: BufferId(0),
+        start: None,
+        parts: vec![
+            part(0, 4096, 2, Vec::new()),
+            part(4096, 4352, 3, Vec::new()),
+            part(8448, 64, 4, vec![ColumnOp::Add(bias), ColumnOp::Softplus]),
+        ],
+    }
 }
 
 #[test]

@@ -11,11 +11,18 @@
 //! Covered:
 //! - `matmul` (`trans_a = false`, `trans_b = true`, rank-2 bf16 weight) → `gemv` in decode (up to
 //!   `gemv::MAX_ROWS` rows: a decode batch of at most 8 sequences), `gemm` otherwise;
-//! - fused `[add_]rmsnorm_matmul[_epilogue]` bodies: an optional `add(p0, p1)` (its sum is a result of
-//!   the group; it is computed by an elementwise kernel first and read back by the product), an
-//!   optional `rmsnorm` prologue, one matmul, and one epilogue of `swiglu` (gate = first half of the
-//!   product), `relu2`, a bias `add` or a residual `add` → `gemv` / `gemm` with the fused prologue and
-//!   epilogue; a `gated_rmsnorm` before the product runs as its own kernel into a scratch A;
+//! - fused `[add_]rmsnorm_matmul[_epilogue | _tail]` bodies: an optional `add(p0, p1)` (computed by
+//!   an elementwise kernel first into its result, or into scratch `sum` when only the product reads
+//!   it), an optional `rmsnorm` prologue, an optional `slice` of rows (copied by `slice::slice` into
+//!   scratch `sliced A` and normalised by the prologue: the prefill logits head), one matmul, then
+//!   either one epilogue the GEMV / GEMM fuse — `swiglu` (gate = first half of the product), `relu2`,
+//!   a bias `add` or a residual `add` — or a *tail*: the product goes to its result or to scratch
+//!   `product`, and the rest of the body runs after it: a split of the product's last axis into
+//!   parts, each part a chain of reshapes, per-head `rmsnorm` and `rope` (positions from an i32
+//!   `start[B]` operand) or of elementwise ops with vector operands → `heads::tail` (the QKV
+//!   projections, the Mamba2 / DeltaNet input projections); a purely elementwise tail (the logits
+//!   head's `convert` × inverse norm) → `elementwise::fused_elementwise`. A `gated_rmsnorm` before the
+//!   product runs as its own kernel into a scratch A;
 //! - `rmsnorm`, `l2norm`, `gated_rmsnorm` → `norm::for_op`; fused `add_rmsnorm` → `norm::for_add_rmsnorm`;
 //! - elementwise ops and fused elementwise bodies → `elementwise::fused_elementwise`;
 //! - `conv1d` / `conv1d_update` and fused `conv_silu` → `conv::conv1d` / `conv::conv1d_update`;
@@ -39,6 +46,8 @@ use super::conv::{self, ConvOperands, ConvSpec};
 use super::delta::{self, DeltaScanOperands, DeltaScanSpec};
 use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
 use super::gemv::{self, GemvSpec};
+use super::heads::{self, ColumnOp, HeadNorm, PartKind, TailPart, TailSpec};
+use super::slice::{self, SliceSpec};
 use super::ssd::{self, Mamba2Operands, Mamba2StepSpec, SsdDims, SsdScanSpec};
 use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, logits, loss, norm};
 
@@ -673,11 +682,17 @@ fn mamba2_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
     ssd::mamba2_step(&spec)
 }
 
-/// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] matmul(·, W) [→ epilogue]`, as one GEMV /
-/// GEMM kernel (after an elementwise kernel for the sum, when there is an add).
+/// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] [slice →] matmul(·, W) [→ epilogue | → tail]`.
+///
+/// The product is one GEMV / GEMM kernel (after an elementwise kernel for the sum, when there is an
+/// add, and a copy of the sliced rows, when there is a slice). An epilogue the GEMV / GEMM fuse (bias,
+/// residual, relu2, swiglu) is applied in place; anything else after the product (a split into parts,
+/// per-head norms, rope, elementwise ops) is the *tail*: the product goes to its result or to a
+/// scratch buffer, and [`tail`] computes the rest of the body from it.
 fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenError> {
     let params = body.params();
     let np = params.len() as u32;
+    let nout = body.outputs().len() as u32;
     let out_slot = |v: Value| result_slot(body, np, v);
     let mms: Vec<NodeId> = body.node_ids().into_iter().filter(|n| matches!(body.op(*n), Op::MatMul { .. })).collect();
     let [mm] = mms[..] else { return Err(unsupported(format!("{} matmuls in one body", mms.len()))) };
@@ -685,7 +700,7 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         return Err(unsupported("only `matmul[trans_a=false, trans_b=true]` (A · Wᵀ) has a generator"));
     };
     let ops = body.operands(mm);
-    let (a, w) = (unview(body, ops[0]), unview(body, ops[1]));
+    let (mut a, w) = (unview(body, ops[0]), unview(body, ops[1]));
     let w_slot = param_index(body, w).ok_or_else(|| unsupported("the weight of the product is not an operand"))?;
     let wt = &params[w_slot as usize];
     if wt.rank() != 2 {
@@ -695,14 +710,33 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         return Err(unsupported(format!("GEMV / GEMM are bf16 only, the weight is {}", wt.dtype.name())));
     }
     let (n, k) = (wt.shape[0].clone(), wt.shape[1].clone());
+    let mut scratch: Vec<(String, TensorType)> = Vec::new();
+    let mut new_scratch = |what: &str, ty: TensorType| -> u32 {
+        scratch.push((what.to_string(), ty));
+        np + nout + scratch.len() as u32 - 1
+    };
+    // Every result the kernels write (checked against the body's outputs at the end).
+    let mut written: Vec<u32> = Vec::new();
+
+    // A slice of rows between the norm and the product: the norm is row-wise, so the rows are
+    // sliced first (a copy into scratch) and normalised by the GEMV / GEMM prologue.
+    let mut slice = None;
+    if let Op::Slice { axis, start, len } = body.op(a.node) {
+        let src = unview(body, body.operands(a.node)[0]);
+        let st = body.ty(src).map_err(CodegenError::Shape)?.clone();
+        if *axis as usize + 1 >= st.rank() {
+            return Err(unsupported("the product reads a slice of the normalised axis"));
+        }
+        slice = Some((*axis as usize, start.clone(), len.clone()));
+        a = src;
+    }
 
     // Prologue: rmsnorm of A, maybe of a sum.
     let mut pre = Vec::new();
     let mut norm_w = None;
     let mut prologue = GemmPrologue::None;
-    let mut scratch = Vec::new();
-    let a_slot = if let Some(p) = param_index(body, a) {
-        p
+    let (mut a_slot, a_src_ty) = if let Some(p) = param_index(body, a) {
+        (p, params[p as usize].clone())
     } else if let Op::GatedRmsNorm { eps, group, norm_before_gate } = body.op(a.node) {
         // No gated-norm prologue in the GEMM generators: the norm writes a scratch A first.
         let nops = body.operands(a.node);
@@ -716,15 +750,15 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         let group = u32::try_from(*group).map_err(|_| CodegenError::Shape(format!("norm group {group}")))?;
         let mut g =
             norm::gated_rmsnorm(&rows, width, yt.dtype, params[nw as usize].dtype, *eps, group, *norm_before_gate)?;
-        let a_scratch = np + body.outputs().len() as u32;
+        let a_ty = body.ty(a).map_err(CodegenError::Shape)?.clone();
+        let a_scratch = new_scratch("normed A", a_ty.clone());
         for arg in &mut g.launch.args {
             if let ArgRule::Buffer(b) = arg {
                 *arg = ArgRule::Buffer(BufferId([y, z, nw, a_scratch][b.0.min(3) as usize]));
             }
         }
         pre.push(g);
-        scratch.push(("normed A".to_string(), body.ty(a).map_err(CodegenError::Shape)?.clone()));
-        a_scratch
+        (a_scratch, a_ty)
     } else if let Op::RmsNorm { .. } = body.op(a.node)
         && let nops = body.operands(a.node)
         && let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]))
@@ -735,36 +769,43 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         // A per-head norm (its weight narrower than K, e.g. a DeltaNet output norm before the output
         // projection) is no GEMM prologue: it writes a scratch A first.
         let mut g = norm::for_op(body.op(a.node), &[params[xp as usize].clone(), params[nwp as usize].clone()])?;
-        let a_scratch = np + body.outputs().len() as u32;
+        let a_ty = body.ty(a).map_err(CodegenError::Shape)?.clone();
+        let a_scratch = new_scratch("normed A", a_ty.clone());
         for arg in &mut g.launch.args {
             if let ArgRule::Buffer(b) = arg {
                 *arg = ArgRule::Buffer(BufferId([xp, nwp, a_scratch][b.0.min(2) as usize]));
             }
         }
         pre.push(g);
-        scratch.push(("normed A".to_string(), body.ty(a).map_err(CodegenError::Shape)?.clone()));
-        a_scratch
+        (a_scratch, a_ty)
     } else if let Op::RmsNorm { eps } = body.op(a.node) {
         let nops = body.operands(a.node);
         let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]));
         norm_w = Some(param_index(body, nw).ok_or_else(|| unsupported("the norm weight is not an operand"))?);
         prologue = GemmPrologue::RmsNorm { eps: *eps as f32 };
         if let Some(p) = param_index(body, x) {
-            p
+            (p, params[p as usize].clone())
         } else if matches!(body.op(x.node), Op::Add) {
             let aops = body.operands(x.node);
             let (p0, p1) = (unview(body, aops[0]), unview(body, aops[1]));
             let (Some(i0), Some(i1)) = (param_index(body, p0), param_index(body, p1)) else {
                 return Err(unsupported("the residual add before the norm does not add two operands"));
             };
-            let sum_slot = out_slot(x)?;
             let t0 = &params[i0 as usize];
             let t1 = &params[i1 as usize];
             let sum_ty = body.ty(x).map_err(CodegenError::Shape)?.clone();
             if t0.numel() != sum_ty.numel() || t1.numel() != sum_ty.numel() {
                 return Err(unsupported("the residual add broadcasts"));
             }
-            let add = single_op_body(&Op::Add, &[t0.clone(), t1.clone()], &[sum_ty]);
+            // The sum is a result of the group, or (the logits head) only read by the product.
+            let sum_slot = match out_slot(x) {
+                Ok(s) => {
+                    written.push(s);
+                    s
+                }
+                Err(_) => new_scratch("sum", sum_ty.clone()),
+            };
+            let add = single_op_body(&Op::Add, &[t0.clone(), t1.clone()], std::slice::from_ref(&sum_ty));
             let mut g = elementwise::fused_elementwise(&add, &format!("{name}_add"))?;
             let remap = |s: u32| match s {
                 0 => i0,
@@ -777,97 +818,59 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
                 }
             }
             pre.push(g);
-            sum_slot
+            (sum_slot, sum_ty)
         } else {
             return Err(unsupported(format!("the norm reads a `{}`, not an operand or a sum", body.op(x.node).name())));
         }
     } else {
         return Err(unsupported(format!("the product reads a `{}` (no such prologue)", body.op(a.node).name())));
     };
-    let at = &params
-        .get(a_slot as usize)
-        .filter(|_| a_slot < np)
-        .cloned()
-        .or_else(|| body.ty(a).ok().cloned())
-        .unwrap_or(wt.clone());
-    need_bf16("GEMV / GEMM", [at])?;
-    // Rows as the product sees A (through any reshape: a per-head norm's [.., heads, d] is [.., K]).
-    let at = &body.ty(ops[0]).ok().filter(|t| t.numel() == at.numel()).cloned().unwrap_or_else(|| at.clone());
+    if let Some((axis, start, len)) = slice {
+        need_bf16("slice", [&a_src_ty])?;
+        let mut sliced = a_src_ty.clone();
+        sliced.shape[axis] = len.clone();
+        let out = new_scratch("sliced A", sliced);
+        pre.push(slice::slice(&SliceSpec {
+            name: format!("{name}_slice"),
+            dtype: a_src_ty.dtype,
+            shape: a_src_ty.shape.clone(),
+            axis,
+            start,
+            len,
+            x: BufferId(a_slot),
+            out: BufferId(out),
+        })?);
+        a_slot = out;
+    }
+    let at = body.ty(ops[0]).map_err(CodegenError::Shape)?.clone();
+    need_bf16("GEMV / GEMM", [&at])?;
     let m = Dim::product(&at.shape[..at.rank().saturating_sub(1)]);
     let m = if m.as_const().is_some() || at.rank() > 1 { m } else { Dim::constant(1) };
 
-    // Epilogue.
-    let mut epilogue = GemmEpilogue::None;
-    let mut bias = None;
-    let mut residual = None;
+    // Epilogue, or a tail.
     let mm_v = Value::from(mm);
-    let out = match sole_user(body, mm_v) {
-        None => out_slot(mm_v)?,
-        Some((u, _, via)) => match body.op(u) {
-            Op::Split { sizes, .. } => {
-                let uses: Vec<(NodeId, u16)> =
-                    (0..sizes.len() as u16).flat_map(|r| body.users(Value::new(u, r))).collect();
-                let readers = || {
-                    let mut names: Vec<&str> = uses.iter().map(|(n, _)| body.op(*n).name()).collect();
-                    names.dedup();
-                    names.join(", ")
-                };
-                let [(sw, _), (sw2, _)] = uses[..] else {
-                    return Err(unsupported(format!(
-                        "the product is split into {} parts read by [{}] (group results or further ops); the \
-                         GEMV / GEMM generators write one output (their epilogues: bias, residual, relu2, \
-                         swiglu)",
-                        sizes.len(),
-                        readers()
-                    )));
-                };
-                if sw != sw2 || !matches!(body.op(sw), Op::Swiglu) || sizes.len() != 2 {
-                    return Err(unsupported(format!(
-                        "the product is split into {} parts read by [{}]; only a swiglu of two halves is a \
-                         GEMV / GEMM epilogue (no rope or qk-norm epilogue in the GEMV)",
-                        sizes.len(),
-                        readers()
-                    )));
-                }
-                let sops = body.operands(sw);
-                if sops[0] != Value::new(u, 0) {
-                    return Err(unsupported(
-                        "swiglu gates with the second half of the product; the GEMM SwiGLU epilogue takes \
-                         the gate from the first half (W rows 0..N/2)",
-                    ));
-                }
-                epilogue = GemmEpilogue::Swiglu;
-                out_slot(Value::from(sw))?
-            }
-            Op::Relu2 => {
-                epilogue = GemmEpilogue::Relu2;
-                out_slot(Value::from(u))?
-            }
-            Op::Add => {
-                let aops = body.operands(u);
-                let other = if unview(body, aops[0]) == unview(body, via) { aops[1] } else { aops[0] };
-                let p = param_index(body, unview(body, other))
-                    .ok_or_else(|| unsupported("the product is added to a value that is not an operand"))?;
-                let pt = &params[p as usize];
-                if pt.rank() == 1 {
-                    epilogue = GemmEpilogue::Bias;
-                    bias = Some(p);
-                } else {
-                    epilogue = GemmEpilogue::Residual;
-                    residual = Some(p);
-                }
-                let res = Value::from(u);
-                if sole_user(body, res).is_some() {
-                    return Err(unsupported("more than one epilogue after the product"));
-                }
-                out_slot(res)?
-            }
-            other => {
-                return Err(unsupported(format!("no `{}` epilogue in the GEMM generators", other.name())));
-            }
-        },
+    let mut tail_kernels = Vec::new();
+    let (epilogue, out, bias, residual) = match fused_epilogue(body, np, mm_v) {
+        Some(e) => e,
+        None => {
+            let p_slot = match out_slot(mm_v) {
+                Ok(s) => s,
+                Err(_) => new_scratch("product", body.ty(mm_v).map_err(CodegenError::Shape)?.clone()),
+            };
+            let (ks, outs) = tail(body, mm_v, p_slot, &format!("{name}_tail"))?;
+            tail_kernels = ks;
+            written.extend(outs);
+            (GemmEpilogue::None, p_slot, None, None)
+        }
     };
-    let out_ty = body.outputs().get((out - np) as usize).and_then(|(_, v)| body.ty(*v).ok()).cloned();
+    written.push(out);
+    if let Some((j, (o, _))) = body.outputs().iter().enumerate().find(|(j, _)| !written.contains(&(np + *j as u32))) {
+        return Err(unsupported(format!("the result `{o}` (output {j}) is not computed by the projection's kernels")));
+    }
+    let out_ty = (out >= np && out < np + nout)
+        .then(|| body.outputs().get((out - np) as usize).and_then(|(_, v)| body.ty(*v).ok()).cloned())
+        .flatten()
+        .or_else(|| body.ty(mm_v).ok().cloned());
     need_bf16(
         "GEMV / GEMM",
         out_ty.iter().chain(bias.iter().chain(&residual).chain(&norm_w).map(|p| &params[*p as usize])),
@@ -904,5 +907,312 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
         gemm::gemm(&spec)?
     };
     pre.push(main);
+    pre.extend(tail_kernels);
     Ok(Plan { kernels: pre, scratch, max_rows: (mode == Mode::Decode).then_some(gemv::MAX_ROWS) })
+}
+
+/// The epilogue the GEMV / GEMM fuse after the product `mm` — `(epilogue, out, bias, residual)` —
+/// or `None` when what follows the product is not one of them (a tail).
+fn fused_epilogue(body: &Graph, np: u32, mm: Value) -> Option<(GemmEpilogue, u32, Option<u32>, Option<u32>)> {
+    let params = body.params();
+    let out_slot = |v: Value| result_slot(body, np, v).ok();
+    let Some((u, _, via)) = sole_user(body, mm) else {
+        return out_slot(mm).map(|o| (GemmEpilogue::None, o, None, None));
+    };
+    match body.op(u) {
+        Op::Split { sizes, .. } => {
+            // A swiglu of the two halves, gate first.
+            let uses: Vec<(NodeId, u16)> = (0..sizes.len() as u16).flat_map(|r| body.users(Value::new(u, r))).collect();
+            let [(sw, _), (sw2, _)] = uses[..] else { return None };
+            if sw != sw2 || !matches!(body.op(sw), Op::Swiglu) || sizes.len() != 2 {
+                return None;
+            }
+            if body.operands(sw)[0] != Value::new(u, 0) {
+                return None;
+            }
+            out_slot(Value::from(sw)).map(|o| (GemmEpilogue::Swiglu, o, None, None))
+        }
+        Op::Relu2 => out_slot(Value::from(u)).map(|o| (GemmEpilogue::Relu2, o, None, None)),
+        Op::Add => {
+            let aops = body.operands(u);
+            let other = if unview(body, aops[0]) == unview(body, via) { aops[1] } else { aops[0] };
+            let p = param_index(body, unview(body, other))?;
+            let res = Value::from(u);
+            if sole_user(body, res).is_some() || body.ty(other).ok()?.dtype != DType::Bf16 {
+                return None;
+            }
+            let o = out_slot(res)?;
+            if params[p as usize].rank() == 1 {
+                Some((GemmEpilogue::Bias, o, Some(p), None))
+            } else {
+                Some((GemmEpilogue::Residual, o, None, Some(p)))
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The nodes computed from `v` (its users, transitively), in id order.
+fn descendants(body: &Graph, v: Value) -> Vec<NodeId> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut work = vec![v.node];
+    while let Some(n) = work.pop() {
+        let results = body.node(n).map_or(0, |x| x.types.len());
+        for r in 0..results as u16 {
+            for (u, _) in body.users(Value::new(n, r)) {
+                if seen.insert(u) {
+                    work.push(u);
+                }
+            }
+        }
+    }
+    seen.into_iter().collect()
+}
+
+/// The tail of a projection body: everything computed from the product `mm`, which the kernels read
+/// at slot `p_slot`. A split of the product into parts → `heads::tail` (per-head rmsnorm and rope,
+/// elementwise chains per part); a purely elementwise tail → `elementwise::fused_elementwise` over a
+/// body with the product as param 0. Returns the kernels and the result slots they write.
+fn tail(body: &Graph, mm: Value, p_slot: u32, name: &str) -> Result<(Vec<Generated>, Vec<u32>), CodegenError> {
+    let np = body.params().len() as u32;
+    let desc = descendants(body, mm);
+    let split = desc.iter().copied().find(|n| matches!(body.op(*n), Op::Split { .. }));
+    match split {
+        Some(s) => {
+            let (g, outs) = split_tail(body, mm, s, p_slot, &desc, name)?;
+            Ok((vec![g], outs))
+        }
+        None => {
+            let params = body.params();
+            let mut g = Graph::new(format!("{}_tail", body.name));
+            let mut slots = vec![p_slot];
+            let mut map = std::collections::BTreeMap::new();
+            let pt = body.ty(mm).map_err(CodegenError::Shape)?.clone();
+            let p0 = g.add_leaf(Op::Input { name: "p0".into(), role: InputRole::Param, index: 0 }, pt);
+            map.insert(mm, Value::from(p0));
+            for &n in &desc {
+                let op = body.op(n);
+                if !is_elementwise(op) && !matches!(op, Op::Reshape { .. }) {
+                    return Err(unsupported(format!("a `{}` after the product (no tail generator for it)", op.name())));
+                }
+                let mut operands = Vec::new();
+                for o in body.operands(n) {
+                    let v = match map.get(&o) {
+                        Some(v) => *v,
+                        None => {
+                            let Some(i) = param_index(body, o) else {
+                                return Err(unsupported(format!(
+                                    "the `{}` after the product reads a value computed before it",
+                                    op.name()
+                                )));
+                            };
+                            let index = slots.len() as u32;
+                            let leaf = g.add_leaf(
+                                Op::Input { name: format!("p{index}"), role: InputRole::Param, index },
+                                params[i as usize].clone(),
+                            );
+                            slots.push(i);
+                            map.insert(o, Value::from(leaf));
+                            Value::from(leaf)
+                        }
+                    };
+                    operands.push(v);
+                }
+                let types = body.node(n).map(|x| x.types.clone()).unwrap_or_default();
+                let new = g.add_typed(op.clone(), types.clone(), &operands);
+                for r in 0..types.len() as u16 {
+                    map.insert(Value::new(n, r), Value::new(new, r));
+                }
+            }
+            let mut outs = Vec::new();
+            for (j, (_, o)) in body.outputs().iter().enumerate() {
+                if let Some(v) = map.get(o).filter(|_| *o != mm) {
+                    g.set_output(outs.len().to_string(), *v);
+                    outs.push(np + j as u32);
+                }
+            }
+            if outs.is_empty() {
+                return Err(unsupported("nothing after the product is a result of the group"));
+            }
+            let mut k = elementwise::fused_elementwise(&g, name)?;
+            let ins = slots.len() as u32;
+            for arg in &mut k.launch.args {
+                if let ArgRule::Buffer(b) = arg {
+                    let s = if b.0 < ins { slots[b.0 as usize] } else { outs[(b.0 - ins) as usize] };
+                    *arg = ArgRule::Buffer(BufferId(s));
+                }
+            }
+            Ok((vec![k], outs))
+        }
+    }
+}
+
+/// A tail whose product is split along its last axis: every result computed from a part is a chain
+/// of reshapes, per-head `rmsnorm` and `rope` (a head part) or of elementwise ops with operand
+/// vectors (a column part) → one `heads::tail` kernel.
+fn split_tail(
+    body: &Graph,
+    mm: Value,
+    split: NodeId,
+    p_slot: u32,
+    desc: &[NodeId],
+    name: &str,
+) -> Result<(Generated, Vec<u32>), CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let bad = |s: String| unsupported(format!("split product: {s}"));
+    let Op::Split { axis, sizes } = body.op(split) else { return Err(bad("no split".into())) };
+    let pt = body.ty(mm).map_err(CodegenError::Shape)?.clone();
+    if unview(body, body.operands(split)[0]) != mm || *axis as usize + 1 != pt.rank() {
+        return Err(bad("the split is not of the product's last axis".into()));
+    }
+    let width = cst_u32(&pt.shape[pt.rank() - 1], "the product width")?;
+    let mut offsets = Vec::new();
+    let mut lo = 0u32;
+    for s in sizes {
+        let s = cst_u32(s, "a split size")?;
+        offsets.push((lo, s));
+        lo += s;
+    }
+    let rows = Dim::product(&pt.shape[..pt.rank() - 1]);
+    let mut tokens = if pt.rank() >= 3 { pt.shape[pt.rank() - 2].clone() } else { Dim::constant(1) };
+    let mut start = None;
+    let mut parts = Vec::new();
+    let mut outs = Vec::new();
+    for (j, (oname, o)) in body.outputs().iter().enumerate() {
+        if unview(body, *o) == mm || !desc.contains(&o.node) {
+            continue;
+        }
+        // Walk back from the result to its part.
+        let mut chain = Vec::new();
+        let mut head_dim = None;
+        let mut v = *o;
+        let part = loop {
+            if v.node == split {
+                break v.result as usize;
+            }
+            let op = body.op(v.node);
+            let vops = body.operands(v.node);
+            let param = |x: Value| param_index(body, unview(body, x));
+            match op {
+                Op::Reshape { .. } => {}
+                Op::RmsNorm { eps } => {
+                    let w = param(vops[1]).ok_or_else(|| bad("a head norm weight is not an operand".into()))?;
+                    let xt = body.ty(vops[0]).map_err(CodegenError::Shape)?;
+                    head_dim = Some(cst_u32(&xt.shape[xt.rank() - 1], "head dim")?);
+                    chain.push(Step::Norm(w, *eps as f32));
+                }
+                Op::Rope { style, theta } => {
+                    let s = param(vops[1]).ok_or_else(|| bad("the rope positions are not an operand".into()))?;
+                    if start.is_some_and(|p| p != s) {
+                        return Err(bad("ropes with different positions".into()));
+                    }
+                    start = Some(s);
+                    let xt = body.ty(vops[0]).map_err(CodegenError::Shape)?;
+                    if xt.rank() != 4 {
+                        return Err(bad(format!("rope of {xt} (expected [B, T, heads, head_dim])")));
+                    }
+                    head_dim = Some(cst_u32(&xt.shape[3], "head dim")?);
+                    tokens = xt.shape[1].clone();
+                    chain.push(Step::Rope(heads::Rope { style: *style, theta: *theta }));
+                }
+                Op::Sigmoid => chain.push(Step::Col(ColumnOp::Sigmoid)),
+                Op::Softplus => chain.push(Step::Col(ColumnOp::Softplus)),
+                Op::Silu => chain.push(Step::Col(ColumnOp::Silu)),
+                Op::Exp => chain.push(Step::Col(ColumnOp::Exp)),
+                Op::Neg => chain.push(Step::Col(ColumnOp::Neg)),
+                Op::Relu2 => chain.push(Step::Col(ColumnOp::Relu2)),
+                Op::Scale { factor } => chain.push(Step::Col(ColumnOp::Scale(*factor as f32))),
+                Op::Convert { dtype: DType::Bf16 } => chain.push(Step::Col(ColumnOp::RoundBf16)),
+                Op::Convert { dtype: DType::F32 } => {}
+                Op::Add | Op::Mul => {
+                    let (pi, other) = match (param(vops[0]), param(vops[1])) {
+                        (_, Some(p)) => (p, vops[0]),
+                        (Some(p), _) => (p, vops[1]),
+                        _ => return Err(bad(format!("`{}` of two parts of the product", op.name()))),
+                    };
+                    let pt = &params[pi as usize];
+                    let vec =
+                        heads::Vector { buf: BufferId(pi), dtype: pt.dtype, broadcast: pt.numel() == Dim::constant(1) };
+                    chain.push(Step::Col(if matches!(op, Op::Add) { ColumnOp::Add(vec) } else { ColumnOp::Mul(vec) }));
+                    chain.push(Step::Check(pi));
+                    v = other;
+                    continue;
+                }
+                other => return Err(bad(format!("no `{}` in a split-product tail", other.name()))),
+            }
+            v = vops[0];
+        };
+        chain.reverse();
+        let (plo, pw) = offsets[part];
+        // Vector operands must cover the part's columns (or be one value).
+        for s in &chain {
+            if let Step::Check(p) = s {
+                let t = &params[*p as usize];
+                if t.numel() != Dim::constant(i64::from(pw)) && t.numel() != Dim::constant(1) {
+                    return Err(bad(format!("operand {t} of a part of {pw} columns")));
+                }
+            }
+        }
+        let is_head = chain.iter().any(|s| matches!(s, Step::Norm(..) | Step::Rope(_)));
+        let kind = if is_head {
+            let mut norm = None;
+            let mut rope = None;
+            for s in &chain {
+                match s {
+                    Step::Norm(w, eps) if norm.is_none() && rope.is_none() => {
+                        let wt = &params[*w as usize];
+                        norm = Some(HeadNorm { weight: BufferId(*w), dtype: wt.dtype, eps: *eps });
+                    }
+                    Step::Rope(r) if rope.is_none() => rope = Some(*r),
+                    _ => {
+                        return Err(bad(format!("`{oname}`: a head part is [rmsnorm] → [rope], with nothing else")));
+                    }
+                }
+            }
+            let head_dim = head_dim.unwrap_or(pw);
+            if let Some(n) = &norm
+                && params[n.weight.0 as usize].numel() != Dim::constant(i64::from(head_dim))
+            {
+                return Err(bad(format!("the head norm weight is not [{head_dim}]")));
+            }
+            PartKind::Heads { head_dim, norm, rope }
+        } else {
+            PartKind::Columns(
+                chain
+                    .into_iter()
+                    .filter_map(|s| match s {
+                        Step::Col(c) => Some(c),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        };
+        let ot = body.ty(*o).map_err(CodegenError::Shape)?;
+        parts.push(TailPart { lo: plo, width: pw, out: BufferId(np + j as u32), out_dtype: ot.dtype, kind });
+        outs.push(np + j as u32);
+    }
+    if parts.is_empty() {
+        return Err(bad("no part of the product is a result of the group".into()));
+    }
+    let spec = TailSpec {
+        name: name.to_string(),
+        rows,
+        tokens,
+        width,
+        dtype: pt.dtype,
+        product: BufferId(p_slot),
+        start: start.map(BufferId),
+        parts,
+    };
+    Ok((heads::tail(&spec)?, outs))
+}
+
+/// One link of a split-product chain, as parsed (results back to the part).
+enum Step {
+    Norm(u32, f32),
+    Rope(heads::Rope),
+    Col(ColumnOp),
+    /// A vector operand whose size is checked against the part.
+    Check(u32),
 }

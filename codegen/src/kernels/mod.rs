@@ -13,10 +13,12 @@ pub mod elementwise;
 pub mod embed;
 pub mod gemm;
 pub mod gemv;
+pub mod heads;
 pub mod logits;
 pub mod loss;
 pub mod norm;
 pub mod sampling;
+pub mod slice;
 pub mod ssd;
 
 use flashc_compiler::gir::{Bindings, Dim};

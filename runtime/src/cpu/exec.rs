@@ -307,6 +307,19 @@ fn run_kernel(program: &Program, kernel: &KernelGroup, mem: &mut CpuMemory) -> R
     Ok(())
 }
 
+/// Interprets a fused body on host data (the oracle of a generated kernel group in tests): params
+/// are the group's operands, the results its outputs, in order.
+pub fn eval_fused(g: &Graph, params: Vec<HostData>, at: &Bindings) -> Result<Vec<HostData>, k::KernelError> {
+    let params = params
+        .into_iter()
+        .map(|p| match p {
+            HostData::F32(v) => Val::F(Arc::new(v)),
+            HostData::I32(v) => Val::I(Arc::new(v)),
+        })
+        .collect();
+    Ok(eval_body(g, params, at)?.iter().map(Val::to_host).collect())
+}
+
 /// Interprets a fused body: params are the kernel's operands, outputs its results.
 fn eval_body(g: &Graph, params: Vec<Val>, at: &Bindings) -> Result<Vec<Val>, k::KernelError> {
     let mut params: Vec<Option<Val>> = params.into_iter().map(Some).collect();
