@@ -45,7 +45,7 @@ fn check(name: &str, mode: Mode) -> (usize, usize, Vec<(String, String)>) {
                 let scratch: Vec<_> = d.scratch.iter().map(|s| s.id).collect();
                 for k in &d.kernels {
                     for a in &k.launch.args {
-                        if let ArgRule::Buffer(b) = a {
+                        if let ArgRule::Buffer(b) | ArgRule::View(b, _) = a {
                             let known = group.inputs.contains(b) || group.outputs.contains(b) || scratch.contains(b);
                             assert!(known, "{name} {mode:?} {}: argument {b} is not a buffer of the group", group.id);
                         }

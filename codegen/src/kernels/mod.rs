@@ -13,6 +13,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod gemm;
 pub mod gemv;
+pub mod layout;
 pub mod logits;
 pub mod loss;
 pub mod norm;
