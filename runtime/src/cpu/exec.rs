@@ -280,6 +280,35 @@ fn run_kernel(program: &Program, kernel: &KernelGroup, mem: &mut CpuMemory) -> R
     Ok(())
 }
 
+/// Evaluates one kernel group on explicit operand values (in the group's input order) at `at` and
+/// returns its results (in output order), touching no device memory: the reference a test compares a
+/// generated kernel group against.
+pub fn eval_group(
+    program: &Program,
+    kernel: &KernelGroup,
+    inputs: Vec<HostData>,
+    at: &Bindings,
+) -> Result<Vec<HostData>, RuntimeError> {
+    let node =
+        program.graph.node(kernel.node).ok_or_else(|| RuntimeError::Compile(format!("no node {}", kernel.node)))?;
+    let ins: Vec<Val> = inputs
+        .into_iter()
+        .map(|d| match d {
+            HostData::F32(v) => Val::F(Arc::new(v)),
+            HostData::I32(v) => Val::I(Arc::new(v)),
+        })
+        .collect();
+    let results = match &node.op {
+        Op::Fused(body) => eval_body(&body.graph, ins, at).map_err(|e| kernel_err(kernel, e))?,
+        op => {
+            let types: Vec<TensorType> =
+                program.graph.operands(kernel.node).iter().filter_map(|v| program.graph.ty(*v).ok().cloned()).collect();
+            eval_op(op, &types, &node.types, ins, at).map_err(|e| kernel_err(kernel, e))?
+        }
+    };
+    Ok(results.iter().map(Val::to_host).collect())
+}
+
 /// Interprets a fused body: params are the kernel's operands, outputs its results.
 fn eval_body(g: &Graph, params: Vec<Val>, at: &Bindings) -> Result<Vec<Val>, k::KernelError> {
     let mut params: Vec<Option<Val>> = params.into_iter().map(Some).collect();
