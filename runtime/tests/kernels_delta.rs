@@ -709,6 +709,12 @@ fn every_kernel_assembles_and_decode_has_no_spills() {
             kernels.push((s.name.clone(), deltanet_step(&s).unwrap(), true));
         }
     }
+    // The Gated DeltaNet shape of the gated-deltanet-hybrid example: values twice as wide as keys.
+    for gated in [false, true] {
+        let tag = if gated { "gated" } else { "plain" };
+        let s = DeltaNetStepSpec::new(format!("deltanet_step_{tag}_dk128_dv256"), 6, 128, 256, gated);
+        kernels.push((s.name.clone(), deltanet_step(&s).unwrap(), true));
+    }
     let mut s = DeltaScanSpec::new("delta_scan_simt_d24", 4, 24, 20, true);
     s.chunk = 16;
     kernels.push((s.name.clone(), delta_scan(&s).unwrap(), false));

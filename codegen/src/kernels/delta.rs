@@ -88,13 +88,15 @@
 //!   projection row `[B, W]` (the decode group passes `ArgRule::View(row, byte offset)` and stride
 //!   `W`), at any element offset. The kernel-cost formulas below count bf16 storage.
 //!
-//!
 //! `delta_step` has 2 barriers and 2·4·BVd·4 bytes of static shared memory; `deltanet_step` has 4
 //! barriers and `4·(2dk + 2dv)` + `2·4·dv·4` bytes (q, k, v, o rows; the reduction buffers). The
-//! fused kernel takes the fewest sub-blocks that leave at most 8 rows (32 state values) per thread:
-//! 512 threads for dk = dv = 128. Both need `dv % 4 == 0` (16-byte state accesses) and 8-byte aligned
-//! `v` and state; `dk` is free (rows past `dk` are guarded); `deltanet_step` also needs
-//! `dv/4 = cg·n` with `cg` a power of two ≤ 32 and `n ≤ 8`.
+//! fused kernel takes the fewest sub-blocks (at most 4, 512 threads, so a thread may hold 128
+//! registers) that leave at most 8 rows (32 state values) per thread, else 4: 512 threads for
+//! dk = dv = 128 (8 rows) and for dk = 128, dv = 256 (16 rows). It emits the q values where the second
+//! reduction needs them (not across the first one), which keeps both shapes free of spills. Both need
+//! `dv % 4 == 0` (16-byte state accesses) and 8-byte aligned `v` and state; `dk` is free (rows past
+//! `dk` are guarded); `deltanet_step` also needs `dv/4 = cg·n` with `cg` a power of two ≤ 32 and
+//! `n ≤ 4`.
 
 use flashc_compiler::gir::{DType, Dim, Sym};
 use flashc_compiler::schedule::BufferId;
@@ -1520,7 +1522,9 @@ impl Core {
 
     /// The decode update on the registers: `S ← α·S; v' = β·(v − Sᵀk); S ← S + k·v'ᵀ` (stored back),
     /// then `out(Sᵀq)` in the threads of row group 0. Two barriers; the reduction buffers are
-    /// `buf1`, `buf2` (each `sub_blocks·4·tile` f32).
+    /// `buf1`, `buf2` (each `sub_blocks·4·tile` f32). `qv` emits the thread's q values where they are
+    /// first needed (after the state is stored), so a kernel that keeps q in shared memory does not
+    /// hold them in registers across the first reduction.
     #[allow(clippy::too_many_arguments)]
     fn update(
         &self,
@@ -1528,7 +1532,7 @@ impl Core {
         sh: &StepShape,
         s: &[[Reg; 4]],
         kv: &[Reg],
-        qv: &[Reg],
+        qv: impl FnOnce(&mut Builder) -> Vec<Reg>,
         v4: [Reg; 4],
         beta: Reg,
         alpha: Option<Reg>,
@@ -1564,7 +1568,8 @@ impl Core {
                 b.st_vec(Space::Global, Ty::F32, r(ga), 0, row_s.iter().map(|x| r(*x)).collect());
             });
         }
-        self.partial(b, sh, s, qv, bufs.1);
+        let qv = qv(b);
+        self.partial(b, sh, s, &qv, bufs.1);
         b.bar();
         let lead = b.setp(Cmp::Eq, Ty::U32, r(self.rgi), imm(0));
         b.if_(lead, |b| {
@@ -1724,7 +1729,7 @@ fn build_step(spec: &DeltaStepSpec, sh: &StepShape) -> Kernel {
     });
     let scale = spec.scale;
     let col = cx.col;
-    cx.update(&mut b, sh, &s, &kv, &qv, [v0, v1, v2, v3], be, alpha, st_base, dv, (0, 4 * sh.tile * 4), |b, ot| {
+    cx.update(&mut b, sh, &s, &kv, |_| qv, [v0, v1, v2, v3], be, alpha, st_base, dv, (0, 4 * sh.tile * 4), |b, ot| {
         let ys: Vec<Reg> = ot.iter().map(|x| fmul(b, r(*x), Operand::F32(scale))).collect();
         let oe = madu(b, r(bh), imm(dv), r(col));
         let oa = gaddr(b, o, oe, 2);
@@ -1859,21 +1864,23 @@ impl DeltaNetStepSpec {
 }
 
 /// The split of a `deltanet_step` block: `dv/4 = cg·sub_blocks` with `cg` a power of two ≤ 32 and at
-/// most 8 sub-blocks; the fewest sub-blocks that keep 8 rows (32 state values) or fewer per thread.
+/// most 4 sub-blocks (512 threads, so each thread may use 128 registers: at 1024 threads the 64-register
+/// budget spills); the fewest sub-blocks that keep 8 rows (32 state values) or fewer per thread, else
+/// 4 sub-blocks (dk = 128, dv = 256: 16 rows, 125 registers, no spills on sm_80).
 pub fn deltanet_step_plan(spec: &DeltaNetStepSpec) -> Result<StepShape, CodegenError> {
     step_dims_ok("deltanet_step", &spec.name, spec.heads, spec.dk, spec.dv)?;
     if spec.conv == 0 {
         return Err(CodegenError::Shape(format!("deltanet_step {}: conv width must be positive", spec.name)));
     }
     let cgt = spec.dv / 4;
-    let shapes: Vec<StepShape> = [1u32, 2, 4, 8]
+    let shapes: Vec<StepShape> = [1u32, 2, 4]
         .into_iter()
         .filter(|n| cgt.is_multiple_of(*n) && (cgt / n).is_power_of_two() && cgt / n <= 32)
         .map(|n| step_shape(spec.dk, cgt / n, n))
         .collect();
     shapes.iter().find(|s| s.rows <= 8).or(shapes.last()).copied().ok_or_else(|| {
         CodegenError::Shape(format!(
-            "deltanet_step {}: dv {} must be 4·cg·n with cg a power of two ≤ 32 and n ≤ 8",
+            "deltanet_step {}: dv {} must be 4·cg·n with cg a power of two ≤ 32 and n ≤ 4",
             spec.name, spec.dv
         ))
     })
@@ -2087,10 +2094,12 @@ fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
         let x = kf.ld(b, smem, r(row));
         fmul(b, r(x), r(rk))
     });
-    let qv = cx.per_row(&mut b, |b, row| {
-        let x = qf.ld(b, smem, r(row));
-        fmul(b, r(x), r(rq))
-    });
+    let load_q = |b: &mut Builder| {
+        cx.per_row(b, |b, row| {
+            let x = qf.ld(b, smem, r(row));
+            fmul(b, r(x), r(rq))
+        })
+    };
     let va = madu(&mut b, r(cx.col), imm(4), r(smem));
     let v4 = b.ld_vec(Space::Shared, Ty::F32, Cache::None, r(va), i64::from(vf.off), 4);
     let scale = spec.scale;
@@ -2101,7 +2110,7 @@ fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
         sh,
         &s,
         &kv,
-        &qv,
+        load_q,
         [v4[0], v4[1], v4[2], v4[3]],
         beta,
         alpha,
