@@ -578,7 +578,12 @@ fn deltanet_step_groups_of_the_examples_match_cpu() {
             assert!(views >= 3, "{what}: the row inputs are not views ({views})");
             let mut errs = Vec::new();
             for o in outs {
-                let e = kernels_util::check(&format!("{what} B={batch}: {}", o.what), &o.sim, &o.cpu, kernels_util::tol(o.dtype));
+                let e = kernels_util::check(
+                    &format!("{what} B={batch}: {}", o.what),
+                    &o.sim,
+                    &o.cpu,
+                    kernels_util::tol(o.dtype),
+                );
                 errs.push(format!("{e:.1e}"));
             }
             println!(

@@ -180,11 +180,13 @@ fn cpu_row_inv_norm(w: &[f32], rows: usize, h: usize) -> Vec<f32> {
 fn row_inv_norm_matches_cpu() {
     let mut rng = Rng::new(3);
     for dtype in [DType::F32, DType::Bf16] {
-        for (rows, h, zero_row) in [(7usize, 100usize, false), (33, 2048, false), (5, 1, false), (4, 6, true), (3, 33, false)]
+        for (rows, h, zero_row) in
+            [(7usize, 100usize, false), (33, 2048, false), (5, 1, false), (4, 6, true), (3, 33, false)]
         {
             let w_ty = ty(dtype, &[c(rows as i64), c(h as i64)]);
             let out_ty = ty(DType::F32, &[c(rows as i64)]);
-            let g = layout::for_op(&Op::RowInvNorm, std::slice::from_ref(&w_ty), &[out_ty], "row_inv_norm_test").unwrap();
+            let g =
+                layout::for_op(&Op::RowInvNorm, std::slice::from_ref(&w_ty), &[out_ty], "row_inv_norm_test").unwrap();
             let mut w = quantize(dtype, &rng.normals(rows * h, 0.05));
             if zero_row {
                 w[h..2 * h].fill(0.0);

@@ -1729,14 +1729,27 @@ fn build_step(spec: &DeltaStepSpec, sh: &StepShape) -> Kernel {
     });
     let scale = spec.scale;
     let col = cx.col;
-    cx.update(&mut b, sh, &s, &kv, |_| qv, [v0, v1, v2, v3], be, alpha, st_base, dv, (0, 4 * sh.tile * 4), |b, ot| {
-        let ys: Vec<Reg> = ot.iter().map(|x| fmul(b, r(*x), Operand::F32(scale))).collect();
-        let oe = madu(b, r(bh), imm(dv), r(col));
-        let oa = gaddr(b, o, oe, 2);
-        let p0 = b.pack_bf16x2(r(ys[0]), r(ys[1]));
-        let p1 = b.pack_bf16x2(r(ys[2]), r(ys[3]));
-        b.st_vec(Space::Global, Ty::B32, r(oa), 0, vec![r(p0), r(p1)]);
-    });
+    cx.update(
+        &mut b,
+        sh,
+        &s,
+        &kv,
+        |_| qv,
+        [v0, v1, v2, v3],
+        be,
+        alpha,
+        st_base,
+        dv,
+        (0, 4 * sh.tile * 4),
+        |b, ot| {
+            let ys: Vec<Reg> = ot.iter().map(|x| fmul(b, r(*x), Operand::F32(scale))).collect();
+            let oe = madu(b, r(bh), imm(dv), r(col));
+            let oa = gaddr(b, o, oe, 2);
+            let p0 = b.pack_bf16x2(r(ys[0]), r(ys[1]));
+            let p1 = b.pack_bf16x2(r(ys[2]), r(ys[3]));
+            b.st_vec(Space::Global, Ty::B32, r(oa), 0, vec![r(p0), r(p1)]);
+        },
+    );
     b.finish()
 }
 

@@ -23,6 +23,10 @@
 //!   decode `attention_step` body (`kv_write`s + `attention_decode`) → `attention::kv_write`, then
 //!   `attention::attention_decode` (partials and combine; scratch `part_o`, `part_lse`);
 //! - the decode `mamba2_step` body → `ssd::mamba2_step` (one kernel);
+//! - the decode `deltanet_step` body (DeltaNet / Gated DeltaNet: the projection row split into
+//!   q, k, v, b[, a, z], conv updates + SiLU, L2 norms, sigmoid(β), the decay gate, `delta_step`, the
+//!   output `rmsnorm` / `gated_rmsnorm`) → `delta::deltanet_step` (one kernel, bf16 or f32 storage),
+//!   its row inputs passed as `ArgRule::View`s of the projection row (byte offset, stride = row width);
 //! - `ssd_scan` → `ssd::ssd_scan`; `delta_scan` → `delta::delta_scan`;
 //! - `embed`, `meta_prefix` → `embed::for_op`; `row_norm_logits` → `logits::for_op` (scratch `norms`);
 //!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`);
@@ -38,7 +42,9 @@ use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
 
 use super::attention::{self, DecodeOperands, DecodeSpec, KvWriteSpec, PrefillOperands, PrefillSpec};
 use super::conv::{self, ConvOperands, ConvSpec};
-use super::delta::{self, DeltaNetStepOperands, DeltaNetStepSpec, DeltaScanOperands, DeltaScanSpec, GateOperands, Storage};
+use super::delta::{
+    self, DeltaNetStepOperands, DeltaNetStepSpec, DeltaScanOperands, DeltaScanSpec, GateOperands, Storage,
+};
 use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
 use super::gemv::{self, GemvSpec};
 use super::ssd::{self, Mamba2Operands, Mamba2StepSpec, SsdDims, SsdScanSpec};
@@ -257,9 +263,7 @@ fn plan(
             };
             Ok(one(delta::delta_scan(&spec)?))
         }
-        Op::Concat { .. } | Op::Split { .. } | Op::RowInvNorm => {
-            Ok(one(layout::for_op(op, operands, results, &name)?))
-        }
+        Op::Concat { .. } | Op::Split { .. } | Op::RowInvNorm => Ok(one(layout::for_op(op, operands, results, &name)?)),
         Op::Fused(f) => fused(mode, &f.graph, &f.name, &name),
         op if is_elementwise(op) => {
             let body = single_op_body(op, operands, results);
@@ -830,6 +834,9 @@ fn deltanet_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
     let offset = |i: u16| sizes[..i as usize].iter().sum::<u32>();
     // Storage: one dtype for everything but the f32 delta state.
     let storage = Storage::of(rt.dtype).ok_or_else(|| bad(&format!("rows of type {}", rt.dtype.name())))?;
+    if body.ty(Value::from(nn)).map_err(CodegenError::Shape)?.dtype != rt.dtype {
+        return Err(bad("the output is not stored like the projection row"));
+    }
     for (i, t) in params.iter().enumerate() {
         let want = if i as u32 == state { DType::F32 } else { rt.dtype };
         if t.dtype != want {

@@ -35,7 +35,9 @@
 use flashc_compiler::gir::{DType, Dim, Op, TensorType};
 use flashc_compiler::schedule::BufferId;
 
-use super::elementwise::{Args, Coords, Elem, block_reduce, blocks, declare_block, grid3, load, row_vector, udiv, urem};
+use super::elementwise::{
+    Args, Coords, Elem, block_reduce, blocks, declare_block, grid3, load, row_vector, udiv, urem,
+};
 use super::{CodegenError, Generated, LaunchRule};
 use crate::kir::{BinOp, Builder, Cache, Cmp, Reg, Space, Special, Ty, UnOp};
 
@@ -125,10 +127,9 @@ pub fn for_op(op: &Op, operands: &[TensorType], results: &[TensorType], name: &s
             if w.rank() != 2 {
                 return Err(shape("row_inv_norm"));
             }
-            let hidden = w.shape[1]
-                .as_const()
-                .and_then(|c| u32::try_from(c).ok())
-                .ok_or_else(|| CodegenError::Shape(format!("row_inv_norm {name}: the row width of {w} must be constant")))?;
+            let hidden = w.shape[1].as_const().and_then(|c| u32::try_from(c).ok()).ok_or_else(|| {
+                CodegenError::Shape(format!("row_inv_norm {name}: the row width of {w} must be constant"))
+            })?;
             row_inv_norm(name, &w.shape[0], hidden, w.dtype)
         }
         other => Err(CodegenError::Unsupported(format!("`{}` is not a layout op", other.name()))),
@@ -161,8 +162,7 @@ pub fn copy_pieces(
     let mut slots: Vec<u32> = pieces.iter().flat_map(|p| [p.src.0, p.dst.0]).collect();
     slots.sort_unstable();
     slots.dedup();
-    let ptrs: Vec<(u32, Reg)> =
-        slots.iter().map(|&s| (s, args.ptr(&mut b, &format!("buf{s}"), s))).collect();
+    let ptrs: Vec<(u32, Reg)> = slots.iter().map(|&s| (s, args.ptr(&mut b, &format!("buf{s}"), s))).collect();
     let ptr = |s: BufferId| ptrs.iter().find(|(k, _)| *k == s.0).map(|(_, r)| *r);
     let gtid = b.global_index_x();
     let ntid = b.special(Special::NtidX);
