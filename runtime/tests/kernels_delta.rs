@@ -7,6 +7,8 @@
 //! Inputs are fresh pseudo-random values quantised to bf16 (q and k L2-normalised first, β ∈ (0, 1),
 //! g < 0), given to both devices; outputs start as poison (NaN) so every element must be written.
 
+mod kernels_util;
+
 use std::collections::BTreeMap;
 
 use flashc_codegen::kernels::delta::{
@@ -546,6 +548,57 @@ fn deltanet_step_with_conv_biases_and_a_log() {
     println!("deltanet_step with conv biases and A_log: y {ey:.2e} state {es:.2e}");
 }
 
+/// The decode `deltanet_step` groups of real programs, dispatched (q, k, v, β, a and z read as
+/// `ArgRule::View`s of the one projection row at their offsets, stride = the row width) and run on
+/// the sim, against the cpu's evaluation of the same fused group: plain and gated, f32 and bf16
+/// storage, dk = dv and dk ≠ dv. Conv states are rolled exactly; y and the delta state within the
+/// tolerance of their storage.
+#[test]
+fn deltanet_step_groups_of_the_examples_match_cpu() {
+    use flashc_compiler::gir::Mode;
+    let bf16 = |t: String| t.replace("dtype = f32 ", "dtype = bf16 ");
+    let cases = [
+        ("tiny-hybrid f32", kernels_util::example_program("tiny-hybrid", Mode::Decode, |t| t), 3),
+        ("tiny-hybrid bf16", kernels_util::example_program("tiny-hybrid", Mode::Decode, bf16), 2),
+        ("gated-deltanet-hybrid", kernels_util::example_program("gated-deltanet-hybrid", Mode::Decode, |t| t), 1),
+        ("nemotron-flash-1b", kernels_util::example_program("nemotron-flash-1b", Mode::Decode, |t| t), 1),
+    ];
+    let mut rng = kernels_util::Rng::new(8);
+    for (what, p, batch) in &cases {
+        // One group per distinct body (layers of the same kind dispatch to the same kernel).
+        let mut seen = std::collections::BTreeSet::new();
+        for group in p.kernels.iter().filter(|g| g.name == "deltanet_step") {
+            let types: Vec<String> = group.inputs.iter().map(|b| p.buffer(*b).unwrap().ty.to_string()).collect();
+            if !seen.insert(types) {
+                continue;
+            }
+            let at = kernels_util::at(*batch, 1);
+            let (d, outs) = kernels_util::group_vs_cpu(p, group, &at, |_, _, n| rng.normals(n, 0.5));
+            let views = d.kernels[0].launch.args.iter().filter(|a| matches!(a, ArgRule::View(..))).count();
+            assert!(views >= 3, "{what}: the row inputs are not views ({views})");
+            let mut errs = Vec::new();
+            for o in outs {
+                let e = kernels_util::check(
+                    &format!("{what} B={batch}: {}", o.what),
+                    &o.sim,
+                    &o.cpu,
+                    kernels_util::tol(o.dtype),
+                );
+                errs.push(format!("{e:.1e}"));
+            }
+            println!(
+                "{what} {} {}: {} threads, {} views; conv q/k/v, state, y errors [{}]",
+                group.id,
+                d.kernels[0].kernel.name,
+                d.kernels[0].launch.block[0],
+                views,
+                errs.join(", ")
+            );
+        }
+        assert!(!seen.is_empty(), "{what}: no deltanet_step group");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------- prefill + decode
 
 /// Chunked prefill of T tokens then N decode steps (sim) equals the recurrence over T + N tokens from
@@ -660,6 +713,12 @@ fn every_kernel_assembles_and_decode_has_no_spills() {
             let s = DeltaNetStepSpec::new(format!("deltanet_step_{tag}_d{dk}"), 16, dk, dv, gated);
             kernels.push((s.name.clone(), deltanet_step(&s).unwrap(), true));
         }
+    }
+    // The Gated DeltaNet shape of the gated-deltanet-hybrid example: values twice as wide as keys.
+    for gated in [false, true] {
+        let tag = if gated { "gated" } else { "plain" };
+        let s = DeltaNetStepSpec::new(format!("deltanet_step_{tag}_dk128_dv256"), 6, 128, 256, gated);
+        kernels.push((s.name.clone(), deltanet_step(&s).unwrap(), true));
     }
     let mut s = DeltaScanSpec::new("delta_scan_simt_d24", 4, 24, 20, true);
     s.chunk = 16;

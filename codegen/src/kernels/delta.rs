@@ -81,17 +81,24 @@
 //!   and, gated, `g = neg_a·softplus(a + dt_bias)` with `neg_a = −exp(A_log)`, `α = e^g`; the delta
 //!   step; then the output RMSNorm over `dv` (weight shared by the heads), times `silu(z)` when
 //!   gated. Parameters: `xq, xk, xv, wq, wk, wv, [bq, bk, bv], conv_q, conv_k, conv_v, b, [a, dt_bias,
-//!   neg_a (or A_log), z], norm_w, state, y`.
-//!
+//!   neg_a (or A_log), z], norm_w, state, y`. Storage (`DeltaNetStepSpec::storage`): bf16 (the GPU
+//!   models) or f32 (exact models) for everything but the f32 state; all math is f32. The row inputs
+//!   `xq, xk, xv, b, a, z` are read at `row·stride + column` with one stride each
+//!   (`DeltaNetStepSpec::strides`), element by element, so they may be column views of one fused
+//!   projection row `[B, W]` (the decode group passes `ArgRule::View(row, byte offset)` and stride
+//!   `W`), at any element offset. The kernel-cost formulas below count bf16 storage.
 //!
 //! `delta_step` has 2 barriers and 2·4·BVd·4 bytes of static shared memory; `deltanet_step` has 4
 //! barriers and `4·(2dk + 2dv)` + `2·4·dv·4` bytes (q, k, v, o rows; the reduction buffers). The
-//! fused kernel takes the fewest sub-blocks that leave at most 8 rows (32 state values) per thread:
-//! 512 threads for dk = dv = 128. Both need `dv % 4 == 0` (16-byte state accesses) and 8-byte aligned
-//! `v` and state; `dk` is free (rows past `dk` are guarded); `deltanet_step` also needs
-//! `dv/4 = cg·n` with `cg` a power of two ≤ 32 and `n ≤ 8`.
+//! fused kernel takes the fewest sub-blocks (at most 4, 512 threads, so a thread may hold 128
+//! registers) that leave at most 8 rows (32 state values) per thread, else 4: 512 threads for
+//! dk = dv = 128 (8 rows) and for dk = 128, dv = 256 (16 rows). It emits the q values where the second
+//! reduction needs them (not across the first one), which keeps both shapes free of spills. Both need
+//! `dv % 4 == 0` (16-byte state accesses) and 8-byte aligned `v` and state; `dk` is free (rows past
+//! `dk` are guarded); `deltanet_step` also needs `dv/4 = cg·n` with `cg` a power of two ≤ 32 and
+//! `n ≤ 4`.
 
-use flashc_compiler::gir::{Dim, Sym};
+use flashc_compiler::gir::{DType, Dim, Sym};
 use flashc_compiler::schedule::BufferId;
 
 use super::{ArgRule, CodegenError, Generated, LaunchRule};
@@ -279,6 +286,71 @@ fn st_bf16(b: &mut Builder, space: Space, addr: Reg, offset: i64, x: Reg) {
 fn st_bf16x2(b: &mut Builder, space: Space, addr: Reg, offset: i64, lo: Reg, hi: Reg) {
     let p = b.pack_bf16x2(r(lo), r(hi));
     b.st(space, Ty::B32, r(addr), offset, r(p));
+}
+
+/// The storage of the fused decode kernel's activations, weights and conv states (the delta state
+/// is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    Bf16,
+    F32,
+}
+
+impl Storage {
+    /// The storage of a gir dtype (bf16 or f32).
+    pub fn of(dtype: DType) -> Option<Storage> {
+        match dtype {
+            DType::Bf16 => Some(Storage::Bf16),
+            DType::F32 => Some(Storage::F32),
+            _ => None,
+        }
+    }
+
+    pub fn bytes(self) -> u32 {
+        match self {
+            Storage::Bf16 => 2,
+            Storage::F32 => 4,
+        }
+    }
+
+    /// The register type that moves one element's bits.
+    fn raw(self) -> Ty {
+        match self {
+            Storage::Bf16 => Ty::U16,
+            Storage::F32 => Ty::B32,
+        }
+    }
+
+    /// Element `index` of global `base`, as f32.
+    fn ld(self, b: &mut Builder, cache: Cache, base: Reg, index: Reg) -> Reg {
+        let a = gaddr(b, base, index, self.bytes());
+        self.ld_at(b, cache, a, 0)
+    }
+
+    /// The element at global `addr + offset`, as f32.
+    fn ld_at(self, b: &mut Builder, cache: Cache, addr: Reg, offset: i64) -> Reg {
+        match self {
+            Storage::Bf16 => ld_bf16(b, Space::Global, cache, addr, offset),
+            Storage::F32 => b.ld(Space::Global, Ty::F32, cache, r(addr), offset),
+        }
+    }
+
+    /// Raw bits as f32.
+    fn widen(self, b: &mut Builder, raw: Reg) -> Reg {
+        match self {
+            Storage::Bf16 => bf16_bits_to_f32(b, raw),
+            Storage::F32 => as_f32(b, raw),
+        }
+    }
+
+    /// Stores f32 `x` as element `index` of global `base` (bf16 rounds to nearest even).
+    fn st(self, b: &mut Builder, base: Reg, index: Reg, x: Reg) {
+        let a = gaddr(b, base, index, self.bytes());
+        match self {
+            Storage::Bf16 => st_bf16(b, Space::Global, a, 0, x),
+            Storage::F32 => b.st(Space::Global, Ty::F32, r(a), 0, r(x)),
+        }
+    }
 }
 
 /// `base + index·bytes` as a 64-bit global address.
@@ -1450,7 +1522,9 @@ impl Core {
 
     /// The decode update on the registers: `S ← α·S; v' = β·(v − Sᵀk); S ← S + k·v'ᵀ` (stored back),
     /// then `out(Sᵀq)` in the threads of row group 0. Two barriers; the reduction buffers are
-    /// `buf1`, `buf2` (each `sub_blocks·4·tile` f32).
+    /// `buf1`, `buf2` (each `sub_blocks·4·tile` f32). `qv` emits the thread's q values where they are
+    /// first needed (after the state is stored), so a kernel that keeps q in shared memory does not
+    /// hold them in registers across the first reduction.
     #[allow(clippy::too_many_arguments)]
     fn update(
         &self,
@@ -1458,7 +1532,7 @@ impl Core {
         sh: &StepShape,
         s: &[[Reg; 4]],
         kv: &[Reg],
-        qv: &[Reg],
+        qv: impl FnOnce(&mut Builder) -> Vec<Reg>,
         v4: [Reg; 4],
         beta: Reg,
         alpha: Option<Reg>,
@@ -1494,7 +1568,8 @@ impl Core {
                 b.st_vec(Space::Global, Ty::F32, r(ga), 0, row_s.iter().map(|x| r(*x)).collect());
             });
         }
-        self.partial(b, sh, s, qv, bufs.1);
+        let qv = qv(b);
+        self.partial(b, sh, s, &qv, bufs.1);
         b.bar();
         let lead = b.setp(Cmp::Eq, Ty::U32, r(self.rgi), imm(0));
         b.if_(lead, |b| {
@@ -1654,14 +1729,27 @@ fn build_step(spec: &DeltaStepSpec, sh: &StepShape) -> Kernel {
     });
     let scale = spec.scale;
     let col = cx.col;
-    cx.update(&mut b, sh, &s, &kv, &qv, [v0, v1, v2, v3], be, alpha, st_base, dv, (0, 4 * sh.tile * 4), |b, ot| {
-        let ys: Vec<Reg> = ot.iter().map(|x| fmul(b, r(*x), Operand::F32(scale))).collect();
-        let oe = madu(b, r(bh), imm(dv), r(col));
-        let oa = gaddr(b, o, oe, 2);
-        let p0 = b.pack_bf16x2(r(ys[0]), r(ys[1]));
-        let p1 = b.pack_bf16x2(r(ys[2]), r(ys[3]));
-        b.st_vec(Space::Global, Ty::B32, r(oa), 0, vec![r(p0), r(p1)]);
-    });
+    cx.update(
+        &mut b,
+        sh,
+        &s,
+        &kv,
+        |_| qv,
+        [v0, v1, v2, v3],
+        be,
+        alpha,
+        st_base,
+        dv,
+        (0, 4 * sh.tile * 4),
+        |b, ot| {
+            let ys: Vec<Reg> = ot.iter().map(|x| fmul(b, r(*x), Operand::F32(scale))).collect();
+            let oe = madu(b, r(bh), imm(dv), r(col));
+            let oa = gaddr(b, o, oe, 2);
+            let p0 = b.pack_bf16x2(r(ys[0]), r(ys[1]));
+            let p1 = b.pack_bf16x2(r(ys[2]), r(ys[3]));
+            b.st_vec(Space::Global, Ty::B32, r(oa), 0, vec![r(p0), r(p1)]);
+        },
+    );
     b.finish()
 }
 
@@ -1750,6 +1838,11 @@ pub struct DeltaNetStepSpec {
     /// Elements between consecutive sequences of `xq`, `xk`, `xv`, `b`, `a` and `z` (their widths
     /// when they are whole buffers; larger when they are views into a wider projection).
     pub strides: [u32; 6],
+    /// Element offsets of `xq`, `xk`, `xv`, `b`, `a` and `z` inside their buffers (0 for whole
+    /// buffers): a nonzero offset makes the parameter an `ArgRule::View` of the buffer.
+    pub offsets: [u32; 6],
+    /// The storage of everything but the delta state (bf16 by default; f32 for exact models).
+    pub storage: Storage,
     pub batch: Dim,
     pub operands: DeltaNetStepOperands,
 }
@@ -1775,6 +1868,8 @@ impl DeltaNetStepSpec {
             norm_eps: 1e-5,
             decay_from_a_log: false,
             strides: [heads * dk, heads * dk, heads * dv, heads, heads, heads * dv],
+            offsets: [0; 6],
+            storage: Storage::Bf16,
             batch: Dim::sym(Sym::B),
             operands,
         }
@@ -1782,21 +1877,23 @@ impl DeltaNetStepSpec {
 }
 
 /// The split of a `deltanet_step` block: `dv/4 = cg·sub_blocks` with `cg` a power of two ≤ 32 and at
-/// most 8 sub-blocks; the fewest sub-blocks that keep 8 rows (32 state values) or fewer per thread.
+/// most 4 sub-blocks (512 threads, so each thread may use 128 registers: at 1024 threads the 64-register
+/// budget spills); the fewest sub-blocks that keep 8 rows (32 state values) or fewer per thread, else
+/// 4 sub-blocks (dk = 128, dv = 256: 16 rows, 125 registers, no spills on sm_80).
 pub fn deltanet_step_plan(spec: &DeltaNetStepSpec) -> Result<StepShape, CodegenError> {
     step_dims_ok("deltanet_step", &spec.name, spec.heads, spec.dk, spec.dv)?;
     if spec.conv == 0 {
         return Err(CodegenError::Shape(format!("deltanet_step {}: conv width must be positive", spec.name)));
     }
     let cgt = spec.dv / 4;
-    let shapes: Vec<StepShape> = [1u32, 2, 4, 8]
+    let shapes: Vec<StepShape> = [1u32, 2, 4]
         .into_iter()
         .filter(|n| cgt.is_multiple_of(*n) && (cgt / n).is_power_of_two() && cgt / n <= 32)
         .map(|n| step_shape(spec.dk, cgt / n, n))
         .collect();
     shapes.iter().find(|s| s.rows <= 8).or(shapes.last()).copied().ok_or_else(|| {
         CodegenError::Shape(format!(
-            "deltanet_step {}: dv {} must be 4·cg·n with cg a power of two ≤ 32 and n ≤ 8",
+            "deltanet_step {}: dv {} must be 4·cg·n with cg a power of two ≤ 32 and n ≤ 4",
             spec.name, spec.dv
         ))
     })
@@ -1807,13 +1904,20 @@ pub fn deltanet_step(spec: &DeltaNetStepSpec) -> Result<Generated, CodegenError>
     let sh = deltanet_step_plan(spec)?;
     let kernel = build_deltanet_step(spec, &sh);
     let o = &spec.operands;
-    let mut args: Vec<ArgRule> = [o.xq, o.xk, o.xv, o.wq, o.wk, o.wv].into_iter().map(ArgRule::Buffer).collect();
+    // A row input at a nonzero element offset is a view of its buffer.
+    let row = |id: BufferId, which: usize| match spec.offsets[which] {
+        0 => ArgRule::Buffer(id),
+        off => ArgRule::View(id, Dim::constant(i64::from(off) * i64::from(spec.storage.bytes()))),
+    };
+    let mut args = vec![row(o.xq, 0), row(o.xk, 1), row(o.xv, 2)];
+    args.extend([o.wq, o.wk, o.wv].map(ArgRule::Buffer));
     if let Some(bs) = o.conv_bias {
         args.extend(bs.map(ArgRule::Buffer));
     }
-    args.extend([o.conv_q, o.conv_k, o.conv_v, o.b].map(ArgRule::Buffer));
+    args.extend([o.conv_q, o.conv_k, o.conv_v].map(ArgRule::Buffer));
+    args.push(row(o.b, 3));
     if let Some(gt) = &o.gate {
-        args.extend([gt.a, gt.dt_bias, gt.decay, gt.z].map(ArgRule::Buffer));
+        args.extend([row(gt.a, 4), ArgRule::Buffer(gt.dt_bias), ArgRule::Buffer(gt.decay), row(gt.z, 5)]);
     }
     args.extend([o.norm_w, o.state, o.y].map(ArgRule::Buffer));
     let launch = LaunchRule {
@@ -1830,6 +1934,7 @@ pub fn deltanet_step(spec: &DeltaNetStepSpec) -> Result<Generated, CodegenError>
 #[allow(clippy::too_many_arguments)]
 fn conv_channel(
     b: &mut Builder,
+    el: Storage,
     x: Reg,
     x_elem: Reg,
     w: Reg,
@@ -1839,34 +1944,32 @@ fn conv_channel(
     ch: Reg,
     kw: u32,
 ) -> Reg {
-    let xa = gaddr(b, x, x_elem, 2);
-    let xr = b.ld(Space::Global, Ty::U16, Cache::ReadOnly, r(xa), 0);
-    let xf = bf16_bits_to_f32(b, xr);
+    let eb = i64::from(el.bytes());
+    let xa = gaddr(b, x, x_elem, el.bytes());
+    let xr = b.ld(Space::Global, el.raw(), Cache::ReadOnly, r(xa), 0);
+    let xf = el.widen(b, xr);
     let we = mulu(b, r(ch), imm(kw));
-    let wa = gaddr(b, w, we, 2);
+    let wa = gaddr(b, w, we, el.bytes());
     let se = mulu(b, r(st_row), imm(kw - 1));
-    let sa = gaddr(b, st, se, 2);
+    let sa = gaddr(b, st, se, el.bytes());
     let acc = match bias {
-        Some(bp) => {
-            let ba = gaddr(b, bp, ch, 2);
-            ld_bf16(b, Space::Global, Cache::ReadOnly, ba, 0)
-        }
+        Some(bp) => el.ld(b, Cache::ReadOnly, bp, ch),
         None => fzero(b),
     };
     let acc = b.mov(Ty::F32, r(acc));
     let mut hist = Vec::new();
-    for j in 0..kw - 1 {
-        let s = b.ld(Space::Global, Ty::U16, Cache::None, r(sa), i64::from(2 * j));
-        let sf = bf16_bits_to_f32(b, s);
-        let wj = ld_bf16(b, Space::Global, Cache::ReadOnly, wa, i64::from(2 * j));
+    for j in 0..i64::from(kw - 1) {
+        let s = b.ld(Space::Global, el.raw(), Cache::None, r(sa), eb * j);
+        let sf = el.widen(b, s);
+        let wj = el.ld_at(b, Cache::ReadOnly, wa, eb * j);
         b.mad_into(acc, r(wj), r(sf));
         hist.push(s);
     }
-    let wl = ld_bf16(b, Space::Global, Cache::ReadOnly, wa, i64::from(2 * (kw - 1)));
+    let wl = el.ld_at(b, Cache::ReadOnly, wa, eb * i64::from(kw - 1));
     b.mad_into(acc, r(wl), r(xf));
     hist.push(xr);
-    for j in 0..kw - 1 {
-        b.st(Space::Global, Ty::U16, r(sa), i64::from(2 * j), r(hist[j as usize + 1]));
+    for j in 0..kw as usize - 1 {
+        b.st(Space::Global, el.raw(), r(sa), eb * j as i64, r(hist[j + 1]));
     }
     acc
 }
@@ -1884,11 +1987,13 @@ fn warp_sumsq(b: &mut Builder, lane: Reg, smem: Reg, v: Vec32, n: u32) -> Reg {
 fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
     let (hh, dk, dv, kw) = (spec.heads, spec.dk, spec.dv, spec.conv);
     let gated = spec.operands.gate.is_some();
+    let el = spec.storage;
     let nt = sh.threads;
     let mut b = Builder::new(spec.name.clone());
     b.doc(format!(
-        "deltanet_step ({}): conv{kw} + SiLU, {}beta = sigmoid(b){}, the delta step and the output {}; dk {dk}, dv {dv}, {hh} heads",
+        "deltanet_step ({}, {} storage): conv{kw} + SiLU, {}beta = sigmoid(b){}, the delta step and the output {}; dk {dk}, dv {dv}, {hh} heads",
         if gated { "Gated DeltaNet" } else { "DeltaNet" },
+        if el == Storage::Bf16 { "bf16" } else { "f32" },
         if spec.qk_l2norm { "L2 norms, " } else { "" },
         if gated { ", g = -exp(A_log) softplus(a + dt_bias)" } else { "" },
         if gated { "gated RMSNorm" } else { "RMSNorm" },
@@ -1950,17 +2055,12 @@ fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
             let xe = madu(b, r(bi), imm(stride), r(ch));
             let st_row = madu(b, r(bi), imm(hh * d), r(ch));
             let yv = if kw > 1 {
-                conv_channel(b, x, xe, w, bias, cs, st_row, ch, kw)
+                conv_channel(b, el, x, xe, w, bias, cs, st_row, ch, kw)
             } else {
-                let xa = gaddr(b, x, xe, 2);
-                let xf = ld_bf16(b, Space::Global, Cache::ReadOnly, xa, 0);
-                let wa = gaddr(b, w, ch, 2);
-                let wf = ld_bf16(b, Space::Global, Cache::ReadOnly, wa, 0);
+                let xf = el.ld(b, Cache::ReadOnly, x, xe);
+                let wf = el.ld(b, Cache::ReadOnly, w, ch);
                 let base = match bias {
-                    Some(bp) => {
-                        let ba = gaddr(b, bp, ch, 2);
-                        ld_bf16(b, Space::Global, Cache::ReadOnly, ba, 0)
-                    }
+                    Some(bp) => el.ld(b, Cache::ReadOnly, bp, ch),
                     None => fzero(b),
                 };
                 ffma(b, r(wf), r(xf), r(base))
@@ -1985,19 +2085,15 @@ fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
     };
     let [_, _, _, s_b, s_a, s_z] = spec.strides;
     let be_e = madu(&mut b, r(bi), imm(s_b), r(h));
-    let be_a = gaddr(&mut b, braw, be_e, 2);
-    let be_raw = ld_bf16(&mut b, Space::Global, Cache::ReadOnly, be_a, 0);
+    let be_raw = el.ld(&mut b, Cache::ReadOnly, braw, be_e);
     let beta = sigmoid(&mut b, r(be_raw));
     let alpha = gate.map(|(a, dt, dc, _)| {
         let ae = madu(&mut b, r(bi), imm(s_a), r(h));
-        let aa = gaddr(&mut b, a, ae, 2);
-        let av = ld_bf16(&mut b, Space::Global, Cache::ReadOnly, aa, 0);
-        let da = gaddr(&mut b, dt, h, 2);
-        let dv_ = ld_bf16(&mut b, Space::Global, Cache::ReadOnly, da, 0);
+        let av = el.ld(&mut b, Cache::ReadOnly, a, ae);
+        let dv_ = el.ld(&mut b, Cache::ReadOnly, dt, h);
         let x = fadd(&mut b, r(av), r(dv_));
         let sp = softplus(&mut b, x);
-        let ca = gaddr(&mut b, dc, h, 2);
-        let cval = ld_bf16(&mut b, Space::Global, Cache::ReadOnly, ca, 0);
+        let cval = el.ld(&mut b, Cache::ReadOnly, dc, h);
         let na = if spec.decay_from_a_log {
             let e = exp(&mut b, r(cval));
             b.un(UnOp::Neg, Ty::F32, r(e))
@@ -2011,10 +2107,12 @@ fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
         let x = kf.ld(b, smem, r(row));
         fmul(b, r(x), r(rk))
     });
-    let qv = cx.per_row(&mut b, |b, row| {
-        let x = qf.ld(b, smem, r(row));
-        fmul(b, r(x), r(rq))
-    });
+    let load_q = |b: &mut Builder| {
+        cx.per_row(b, |b, row| {
+            let x = qf.ld(b, smem, r(row));
+            fmul(b, r(x), r(rq))
+        })
+    };
     let va = madu(&mut b, r(cx.col), imm(4), r(smem));
     let v4 = b.ld_vec(Space::Shared, Ty::F32, Cache::None, r(va), i64::from(vf.off), 4);
     let scale = spec.scale;
@@ -2025,7 +2123,7 @@ fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
         sh,
         &s,
         &kv,
-        &qv,
+        load_q,
         [v4[0], v4[1], v4[2], v4[3]],
         beta,
         alpha,
@@ -2047,21 +2145,18 @@ fn build_deltanet_step(spec: &DeltaNetStepSpec, sh: &StepShape) -> Kernel {
     let rr = b.un(UnOp::RsqrtApprox, Ty::F32, r(ms));
     b.for_(Ty::U32, r(tid), imm(dv), imm(nt), |b, c| {
         let x = of.ld(b, smem, r(c));
-        let wa = gaddr(b, nw, c, 2);
-        let wv_ = ld_bf16(b, Space::Global, Cache::ReadOnly, wa, 0);
+        let wv_ = el.ld(b, Cache::ReadOnly, nw, c);
         let yv = fmul(b, r(x), r(rr));
         let mut yv = fmul(b, r(yv), r(wv_));
         if let Some((_, _, _, z)) = gate {
             let hc = madu(b, r(h), imm(dv), r(c));
             let ze = madu(b, r(bi), imm(s_z), r(hc));
-            let za = gaddr(b, z, ze, 2);
-            let zv = ld_bf16(b, Space::Global, Cache::ReadOnly, za, 0);
+            let zv = el.ld(b, Cache::ReadOnly, z, ze);
             let sz = silu(b, zv);
             yv = fmul(b, r(yv), r(sz));
         }
         let ye = madu(b, r(bh), imm(dv), r(c));
-        let ya = gaddr(b, y, ye, 2);
-        st_bf16(b, Space::Global, ya, 0, yv);
+        el.st(b, y, ye, yv);
     });
     b.finish()
 }

@@ -30,9 +30,15 @@
 //!   decode `attention_step` body (`kv_write`s + `attention_decode`) → `attention::kv_write`, then
 //!   `attention::attention_decode` (partials and combine; scratch `part_o`, `part_lse`);
 //! - the decode `mamba2_step` body → `ssd::mamba2_step` (one kernel);
+//! - the decode `deltanet_step` body (DeltaNet / Gated DeltaNet: the projection row split into
+//!   q, k, v, b[, a, z], conv updates + SiLU, L2 norms, sigmoid(β), the decay gate, `delta_step`, the
+//!   output `rmsnorm` / `gated_rmsnorm`) → `delta::deltanet_step` (one kernel, bf16 or f32 storage),
+//!   its row inputs passed as `ArgRule::View`s of the projection row (byte offset, stride = row width);
 //! - `ssd_scan` → `ssd::ssd_scan`; `delta_scan` → `delta::delta_scan`;
 //! - `embed`, `meta_prefix` → `embed::for_op`; `row_norm_logits` → `logits::for_op` (scratch `norms`);
-//!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`).
+//!   `cross_entropy` → `loss::for_op` (scratch `row_loss`, `row_lse`);
+//! - `concat`, `split` (strided copies, any dtype) and `row_inv_norm` (the prep ops that fuse
+//!   projection weights and take the LM head's inverse row norms) → `layout::for_op`.
 //!
 //! Everything else returns [`DispatchError::Unsupported`] naming the group, the op and the reason.
 
@@ -43,13 +49,15 @@ use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
 
 use super::attention::{self, DecodeOperands, DecodeSpec, KvWriteSpec, PrefillOperands, PrefillSpec};
 use super::conv::{self, ConvOperands, ConvSpec};
-use super::delta::{self, DeltaScanOperands, DeltaScanSpec};
+use super::delta::{
+    self, DeltaNetStepOperands, DeltaNetStepSpec, DeltaScanOperands, DeltaScanSpec, GateOperands, Storage,
+};
 use super::gemm::{GemmEpilogue, GemmOperands, GemmPrologue, GemmSpec};
 use super::gemv::{self, GemvSpec};
 use super::heads::{self, ColumnOp, HeadNorm, PartKind, TailPart, TailSpec};
 use super::slice::{self, SliceSpec};
 use super::ssd::{self, Mamba2Operands, Mamba2StepSpec, SsdDims, SsdScanSpec};
-use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, logits, loss, norm};
+use super::{ArgRule, CodegenError, Generated, elementwise, embed, gemm, layout, logits, loss, norm};
 
 /// A scratch buffer a group's kernels need besides the program's buffers.
 #[derive(Clone, Debug, PartialEq)]
@@ -264,6 +272,7 @@ fn plan(
             };
             Ok(one(delta::delta_scan(&spec)?))
         }
+        Op::Concat { .. } | Op::Split { .. } | Op::RowInvNorm => Ok(one(layout::for_op(op, operands, results, &name)?)),
         Op::Fused(f) => fused(mode, &f.graph, &f.name, &name),
         op if is_elementwise(op) => {
             let body = single_op_body(op, operands, results);
@@ -326,11 +335,7 @@ fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, 
         return Ok(one(mamba2_step(body, name)?));
     }
     if !ops_named("delta_step").is_empty() {
-        return Err(unsupported(
-            "deltanet_step: q, k, v and β are column views at offsets of one projection row, and a launch \
-             rule cannot pass a buffer at an element offset (ArgRule::Buffer has no offset); \
-             delta::deltanet_step needs them as separate buffers",
-        ));
+        return Ok(one(deltanet_step(body, name)?));
     }
     if !ops_named("attention_decode").is_empty() {
         return attention_step(body, name);
@@ -680,6 +685,207 @@ fn mamba2_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
         y: BufferId(y),
     };
     ssd::mamba2_step(&spec)
+}
+
+/// The decode `deltanet_step` body (fuse-decode-mixer): the projection row `p [.., W]` split along
+/// its last axis into `[q, k, v, b]` (plain) or `[q, k, v, b, a, z]` (gated); `conv1d_update` + SiLU
+/// of q, k and v (states rolled in place), L2 norms of q and k (optional), `β = sigmoid(b)`, gated:
+/// `g = softplus(a + dt_bias) · neg_a` (or `· −exp(A_log)`); `delta_step`; then `rmsnorm(o, w)` or
+/// `gated_rmsnorm(o, z, w)` (norm before gate, one group per head) → `delta::deltanet_step` (one
+/// kernel), its row inputs passed as `ArgRule::View`s of the projection row at their element offsets
+/// with stride `W`. Every link is checked; a body of another shape is reported unsupported.
+fn deltanet_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
+    let params = body.params();
+    let np = params.len() as u32;
+    let bad = |s: &str| unsupported(format!("deltanet_step body: {s}"));
+    let steps: Vec<NodeId> = body.node_ids().into_iter().filter(|n| body.op(*n).name() == "delta_step").collect();
+    let [ds] = steps[..] else { return Err(bad("expected one delta_step")) };
+    let Op::DeltaStep { scale, gated } = body.op(ds) else { return Err(bad("no delta_step")) };
+    let gated = *gated;
+    let dops = body.operands(ds);
+    if dops.len() != if gated { 6 } else { 5 } {
+        return Err(bad("unexpected delta_step operands"));
+    }
+    // Every row input is a part of one split of the projection row.
+    let mut row_split: Option<NodeId> = None;
+    let mut part = |v: Value, what: &str| -> Result<u16, CodegenError> {
+        let (sp, i) = split_part(body, v).ok_or_else(|| bad(&format!("{what} is not a part of the projection row")))?;
+        if row_split.is_some_and(|r| r != sp) {
+            return Err(bad(&format!("{what} comes from another split")));
+        }
+        row_split = Some(sp);
+        Ok(i)
+    };
+    // q, k: [l2norm] ∘ silu ∘ conv1d_update; v: silu ∘ conv1d_update.
+    let mut l2 = Vec::new();
+    let mut convs = Vec::new();
+    for (i, what) in [(0usize, "q"), (1, "k"), (2, "v")] {
+        let mut x = unview(body, dops[i]);
+        if let Op::L2Norm { eps } = body.op(x.node) {
+            if i == 2 {
+                return Err(bad("an L2 norm of v"));
+            }
+            l2.push(*eps);
+            x = unview(body, body.operands(x.node)[0]);
+        }
+        if !matches!(body.op(x.node), Op::Silu) {
+            return Err(bad(&format!("{what} is not silu(conv1d_update(..))")));
+        }
+        let c = unview(body, body.operands(x.node)[0]);
+        let Op::Conv1dUpdate { bias } = body.op(c.node) else {
+            return Err(bad(&format!("{what} is not silu(conv1d_update(..))")));
+        };
+        if c.result != 0 {
+            return Err(bad(&format!("{what} reads the conv state, not its output")));
+        }
+        let cops = body.operands(c.node);
+        let p = part(cops[0], what)?;
+        let w = param_of(body, cops[1], "conv weight")?;
+        let st = param_of(body, cops[2], "conv state")?;
+        let b = if *bias { Some(param_of(body, cops[3], "conv bias")?) } else { None };
+        if !body.outputs().iter().any(|(_, o)| *o == Value::new(c.node, 1)) {
+            return Err(bad("a new conv state is not a result of the group"));
+        }
+        convs.push((p, w, st, b));
+    }
+    let qk_l2norm = match l2[..] {
+        [] => false,
+        [a, b] if a == b => true,
+        _ => return Err(bad("q and k are not normalised alike")),
+    };
+    let conv_bias = match convs.iter().map(|c| c.3).collect::<Vec<_>>()[..] {
+        [None, None, None] => None,
+        [Some(a), Some(b), Some(c)] => Some([BufferId(a), BufferId(b), BufferId(c)]),
+        _ => return Err(bad("some convs have a bias and some do not")),
+    };
+    // β = sigmoid(b).
+    let be = unview(body, dops[3]);
+    if !matches!(body.op(be.node), Op::Sigmoid) {
+        return Err(bad("β is not sigmoid(b)"));
+    }
+    let b_part = part(body.operands(be.node)[0], "b")?;
+    // Gated: g = softplus(a + dt_bias) · decay, decay = neg_a or −exp(A_log).
+    let mut gate = None;
+    if gated {
+        let g = unview(body, dops[4]);
+        if !matches!(body.op(g.node), Op::Mul) {
+            return Err(bad("g is not softplus(a + dt_bias) · neg_a"));
+        }
+        let mops = body.operands(g.node);
+        let (sp, dc) = if matches!(body.op(unview(body, mops[0]).node), Op::Softplus) {
+            (unview(body, mops[0]), unview(body, mops[1]))
+        } else {
+            (unview(body, mops[1]), unview(body, mops[0]))
+        };
+        if !matches!(body.op(sp.node), Op::Softplus) {
+            return Err(bad("g is not softplus(a + dt_bias) · neg_a"));
+        }
+        let add = unview(body, body.operands(sp.node)[0]);
+        if !matches!(body.op(add.node), Op::Add) {
+            return Err(bad("g is not softplus(a + dt_bias) · neg_a"));
+        }
+        let aops = body.operands(add.node);
+        let a_part = part(aops[0], "a")?;
+        let dt_bias = param_of(body, aops[1], "dt bias")?;
+        let (decay, from_a_log) = if let Some(p) = param_index(body, dc) {
+            (p, false)
+        } else if matches!(body.op(dc.node), Op::Neg)
+            && matches!(body.op(unview(body, body.operands(dc.node)[0]).node), Op::Exp)
+        {
+            let e = unview(body, body.operands(dc.node)[0]);
+            (param_of(body, body.operands(e.node)[0], "A_log")?, true)
+        } else {
+            return Err(bad("the decay is neither an operand nor −exp(A_log)"));
+        };
+        gate = Some((a_part, dt_bias, decay, from_a_log));
+    }
+    let state = param_of(body, dops[if gated { 5 } else { 4 }], "delta state")?;
+    if !body.outputs().iter().any(|(_, o)| *o == Value::new(ds, 1)) {
+        return Err(bad("the new delta state is not a result of the group"));
+    }
+    // The output norm.
+    let Some((nn, _, _)) = sole_user(body, Value::new(ds, 0)) else {
+        return Err(bad("the delta_step output is not read by one norm"));
+    };
+    let nops = body.operands(nn);
+    let qt = body.ty(dops[0]).map_err(CodegenError::Shape)?;
+    let vt = body.ty(dops[2]).map_err(CodegenError::Shape)?;
+    if qt.rank() != 3 || vt.rank() != 3 {
+        return Err(bad("q and v are not [B, heads, d]"));
+    }
+    let heads = cst_u32(&qt.shape[1], "heads")?;
+    let dk = cst_u32(&qt.shape[2], "dk")?;
+    let dv = cst_u32(&vt.shape[2], "dv")?;
+    let (norm_eps, norm_w, z_part) = match body.op(nn) {
+        Op::RmsNorm { eps } if !gated => (*eps, param_of(body, nops[1], "norm weight")?, None),
+        Op::GatedRmsNorm { eps, group, norm_before_gate: true } if gated && *group == u64::from(dv) => {
+            (*eps, param_of(body, nops[2], "norm weight")?, Some(part(nops[1], "z")?))
+        }
+        other => {
+            return Err(bad(&format!(
+                "the output norm is a `{}` (expected rmsnorm, or for gated a gated_rmsnorm with the norm \
+                 before the gate over one head)",
+                other.name()
+            )));
+        }
+    };
+    let y = result_slot(body, np, Value::from(nn))?;
+    // The projection row and the element offsets of its parts.
+    let sp = row_split.ok_or_else(|| bad("no projection row"))?;
+    let Op::Split { axis, sizes } = body.op(sp) else { return Err(bad("no split of the projection row")) };
+    let row = param_of(body, body.operands(sp)[0], "projection row")?;
+    let rt = &params[row as usize];
+    if *axis as usize + 1 != rt.rank() {
+        return Err(bad("the projection row is not split along its last axis"));
+    }
+    let sizes: Vec<u32> = sizes.iter().map(|d| cst_u32(d, "split size")).collect::<Result<_, _>>()?;
+    let width: u32 = sizes.iter().sum();
+    let offset = |i: u16| sizes[..i as usize].iter().sum::<u32>();
+    // Storage: one dtype for everything but the f32 delta state.
+    let storage = Storage::of(rt.dtype).ok_or_else(|| bad(&format!("rows of type {}", rt.dtype.name())))?;
+    if body.ty(Value::from(nn)).map_err(CodegenError::Shape)?.dtype != rt.dtype {
+        return Err(bad("the output is not stored like the projection row"));
+    }
+    for (i, t) in params.iter().enumerate() {
+        let want = if i as u32 == state { DType::F32 } else { rt.dtype };
+        if t.dtype != want {
+            return Err(bad(&format!("operand {i} is {t}, expected {}", want.name())));
+        }
+    }
+    let (pq, wq, cq, _) = convs[0];
+    let (pk, wk, ck, _) = convs[1];
+    let (pv, wv, cv, _) = convs[2];
+    let mut spec = DeltaNetStepSpec::new(name, heads, dk, dv, gated);
+    spec.conv = cst_u32(&params[wq as usize].shape[1], "conv width")?;
+    spec.scale = *scale as f32;
+    spec.qk_l2norm = qk_l2norm;
+    spec.l2_eps = l2.first().copied().unwrap_or(0.0) as f32;
+    spec.norm_eps = norm_eps as f32;
+    spec.decay_from_a_log = gate.is_some_and(|g| g.3);
+    spec.strides = [width; 6];
+    let a_part = gate.map_or(0, |g| g.0);
+    spec.offsets = [pq, pk, pv, b_part, a_part, z_part.unwrap_or(0)].map(offset);
+    spec.storage = storage;
+    spec.batch = Dim::product(&rt.shape[..rt.rank() - 1]);
+    let id = BufferId;
+    spec.operands = DeltaNetStepOperands {
+        xq: id(row),
+        xk: id(row),
+        xv: id(row),
+        wq: id(wq),
+        wk: id(wk),
+        wv: id(wv),
+        conv_bias,
+        conv_q: id(cq),
+        conv_k: id(ck),
+        conv_v: id(cv),
+        b: id(row),
+        gate: gate.map(|(_, dt, dc, _)| GateOperands { a: id(row), dt_bias: id(dt), decay: id(dc), z: id(row) }),
+        norm_w: id(norm_w),
+        state: id(state),
+        y: id(y),
+    };
+    delta::deltanet_step(&spec)
 }
 
 /// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] [slice →] matmul(·, W) [→ epilogue | → tail]`.

@@ -14,6 +14,7 @@ pub mod embed;
 pub mod gemm;
 pub mod gemv;
 pub mod heads;
+pub mod layout;
 pub mod logits;
 pub mod loss;
 pub mod norm;

@@ -23,6 +23,13 @@ use crate::device::{Device, HostData, RuntimeError};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
+/// The cpu reference with every stored value rounded to its buffer's dtype (bf16, f16: to nearest
+/// even), as the GPU kernels store them: uploads, weights and each kernel group's results. What is
+/// left between it and the `sim` is the rounding inside the GPU kernels and their summation order,
+/// so it is the tight reference for whole bf16 models on the sim; `Cpu` stays the exact oracle.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuRounded;
+
 /// Bytes per arena element: the plan's offsets are multiples of this.
 const UNIT: i64 = 2;
 
@@ -35,6 +42,28 @@ pub struct CpuMemory {
     owned: BTreeMap<BufferId, Val>,
     /// Weights, by buffer.
     shared: BTreeMap<BufferId, Arc<Vec<f32>>>,
+    /// Storage rounding (`CpuRounded`): the dtype of each root buffer.
+    rounding: Option<BTreeMap<BufferId, gir::DType>>,
+}
+
+/// Rounds values to a storage dtype (bf16 and f16 to nearest even; others unchanged).
+fn round_to(dtype: gir::DType, v: &mut [f32]) {
+    use crate::sim::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+    match dtype {
+        gir::DType::Bf16 => v.iter_mut().for_each(|x| *x = bf16_to_f32(f32_to_bf16(*x))),
+        gir::DType::F16 => v.iter_mut().for_each(|x| *x = f16_to_f32(f32_to_f16(*x))),
+        gir::DType::F32 | gir::DType::I32 => {}
+    }
+}
+
+impl CpuMemory {
+    /// Rounds `v` as buffer `root` stores it, when rounding storage.
+    fn stored(&self, root: BufferId, mut v: Vec<f32>) -> Vec<f32> {
+        if let Some(d) = self.rounding.as_ref().and_then(|m| m.get(&root)) {
+            round_to(*d, &mut v);
+        }
+        v
+    }
 }
 
 impl CpuMemory {
@@ -56,6 +85,58 @@ pub fn shape_of(ty: &TensorType, at: &Bindings) -> Result<Vec<usize>, RuntimeErr
 
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
+}
+
+impl Device for CpuRounded {
+    type Memory = CpuMemory;
+
+    fn name(&self) -> &'static str {
+        "cpu-rounded"
+    }
+
+    fn allocate(&self, program: &Program, at: &Bindings) -> Result<CpuMemory, RuntimeError> {
+        let mut mem = Cpu.allocate(program, at)?;
+        mem.rounding = Some(program.buffers.iter().filter(|b| b.alias.is_none()).map(|b| (b.id, b.ty.dtype)).collect());
+        Ok(mem)
+    }
+
+    fn share_weight(&self, mem: &mut CpuMemory, buffer: BufferId, data: Arc<Vec<f32>>) -> Result<(), RuntimeError> {
+        Cpu.share_weight(mem, buffer, data)
+    }
+
+    fn upload(&self, mem: &mut CpuMemory, buffer: BufferId, data: HostData) -> Result<(), RuntimeError> {
+        Cpu.upload(mem, buffer, data)
+    }
+
+    fn download(&self, program: &Program, mem: &CpuMemory, buffer: BufferId) -> Result<HostData, RuntimeError> {
+        Cpu.download(program, mem, buffer)
+    }
+
+    fn run(&self, program: &Program, kernel: &KernelGroup, mem: &mut CpuMemory) -> Result<(), RuntimeError> {
+        Cpu.run(program, kernel, mem)
+    }
+
+    fn synchronize(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    fn bases(
+        &self,
+        program: &Program,
+        plan: &flashc_codegen::host::LaunchPlan,
+        mem: &mut CpuMemory,
+    ) -> Result<Vec<u64>, RuntimeError> {
+        Cpu.bases(program, plan, mem)
+    }
+
+    fn launch(
+        &self,
+        program: &Program,
+        mem: &mut CpuMemory,
+        launch: &flashc_codegen::host::Launched<'_>,
+    ) -> Result<(), RuntimeError> {
+        Cpu.launch(program, mem, launch)
+    }
 }
 
 impl Device for Cpu {
@@ -87,15 +168,26 @@ impl Device for Cpu {
                 _ => {}
             }
         }
-        Ok(CpuMemory { at: *at, arena: vec![0.0; arena_len], owned, shared: BTreeMap::new() })
+        Ok(CpuMemory { at: *at, arena: vec![0.0; arena_len], owned, shared: BTreeMap::new(), rounding: None })
     }
 
     fn share_weight(&self, mem: &mut CpuMemory, buffer: BufferId, data: Arc<Vec<f32>>) -> Result<(), RuntimeError> {
+        let data = match mem.rounding.as_ref().and_then(|m| m.get(&buffer)) {
+            Some(gir::DType::Bf16 | gir::DType::F16) => Arc::new(mem.stored(buffer, data.as_ref().clone())),
+            _ => data,
+        };
         mem.shared.insert(buffer, data);
         Ok(())
     }
 
     fn upload(&self, mem: &mut CpuMemory, buffer: BufferId, data: HostData) -> Result<(), RuntimeError> {
+        let data = match data {
+            HostData::F32(v) if mem.rounding.is_some() => {
+                let v = mem.stored(buffer, v);
+                HostData::F32(v)
+            }
+            d => d,
+        };
         let Some(slot) = mem.owned.get_mut(&buffer) else {
             return Err(RuntimeError::Input(format!("buffer {buffer} cannot be uploaded to")));
         };
@@ -276,10 +368,16 @@ fn run_kernel(program: &Program, kernel: &KernelGroup, mem: &mut CpuMemory) -> R
         }
     };
     // Write the results: arena buffers by copy, states and inputs by moving the value in.
-    for (&b, val) in kernel.outputs.iter().zip(results) {
+    for (&b, mut val) in kernel.outputs.iter().zip(results) {
         let buf = program.buffer(b).ok_or_else(|| RuntimeError::Compile(format!("no buffer {b}")))?;
         let root = buf.root();
         let rb = program.buffer(root).unwrap_or(buf);
+        if mem.rounding.is_some()
+            && let Val::F(v) = &mut val
+            && matches!(rb.ty.dtype, gir::DType::Bf16 | gir::DType::F16)
+        {
+            round_to(rb.ty.dtype, Arc::make_mut(v).as_mut_slice());
+        }
         if rb.kind.in_arena() {
             let off = arena_offset(program, root, &at)?;
             let data = val.f();
@@ -307,17 +405,43 @@ fn run_kernel(program: &Program, kernel: &KernelGroup, mem: &mut CpuMemory) -> R
     Ok(())
 }
 
-/// Interprets a fused body on host data (the oracle of a generated kernel group in tests): params
-/// are the group's operands, the results its outputs, in order.
-pub fn eval_fused(g: &Graph, params: Vec<HostData>, at: &Bindings) -> Result<Vec<HostData>, k::KernelError> {
-    let params = params
-        .into_iter()
-        .map(|p| match p {
+/// Host data as interpreter values.
+fn to_vals(data: Vec<HostData>) -> Vec<Val> {
+    data.into_iter()
+        .map(|d| match d {
             HostData::F32(v) => Val::F(Arc::new(v)),
             HostData::I32(v) => Val::I(Arc::new(v)),
         })
-        .collect();
-    Ok(eval_body(g, params, at)?.iter().map(Val::to_host).collect())
+        .collect()
+}
+
+/// Interprets a fused body on host data (the oracle of a generated kernel group in tests): params
+/// are the group's operands, the results its outputs, in order.
+pub fn eval_fused(g: &Graph, params: Vec<HostData>, at: &Bindings) -> Result<Vec<HostData>, k::KernelError> {
+    Ok(eval_body(g, to_vals(params), at)?.iter().map(Val::to_host).collect())
+}
+
+/// Evaluates one kernel group on explicit operand values (in the group's input order) at `at` and
+/// returns its results (in output order), touching no device memory: the reference a test compares a
+/// generated kernel group against.
+pub fn eval_group(
+    program: &Program,
+    kernel: &KernelGroup,
+    inputs: Vec<HostData>,
+    at: &Bindings,
+) -> Result<Vec<HostData>, RuntimeError> {
+    let node =
+        program.graph.node(kernel.node).ok_or_else(|| RuntimeError::Compile(format!("no node {}", kernel.node)))?;
+    let ins = to_vals(inputs);
+    let results = match &node.op {
+        Op::Fused(body) => eval_body(&body.graph, ins, at).map_err(|e| kernel_err(kernel, e))?,
+        op => {
+            let types: Vec<TensorType> =
+                program.graph.operands(kernel.node).iter().filter_map(|v| program.graph.ty(*v).ok().cloned()).collect();
+            eval_op(op, &types, &node.types, ins, at).map_err(|e| kernel_err(kernel, e))?
+        }
+    };
+    Ok(results.iter().map(Val::to_host).collect())
 }
 
 /// Interprets a fused body: params are the kernel's operands, outputs its results.

@@ -167,3 +167,90 @@ impl Dev {
 pub fn at(b: i64, t: i64) -> Bindings {
     Bindings { b, t, s: 0 }
 }
+
+// ---------------------------------------------------------------------------------------------- groups
+
+use flashc_codegen::kernels::dispatch::{self, Dispatched};
+use flashc_compiler::gir::Mode;
+use flashc_compiler::schedule::{BufferId, KernelGroup, Program};
+use flashc_runtime::device::HostData;
+
+/// The scheduled program of `examples/{name}.arch` in `mode`, with `edit` applied to the text first
+/// (e.g. switching the model's dtype).
+pub fn example_program(name: &str, mode: Mode, edit: impl Fn(String) -> String) -> Program {
+    use flashc_compiler::lower::{LowerOptions, lower};
+    use flashc_compiler::passes::{pipeline, run_passes};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(format!("{name}.arch"));
+    let text = edit(std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    let spec = flashc_dsl::load(&text).unwrap_or_else(|d| panic!("{name}: {d:?}")).0;
+    let mut g = lower(&spec, &LowerOptions::new(mode)).unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+    run_passes(&mut g, &pipeline(mode), false, &mut |_, _| {}).unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+    flashc_compiler::schedule::schedule(&g).unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"))
+}
+
+/// One float result of a group: its name, storage type, the sim's values and the cpu's.
+pub struct GroupOut {
+    pub what: String,
+    pub dtype: DType,
+    pub sim: Vec<f32>,
+    pub cpu: Vec<f32>,
+}
+
+/// Runs kernel group `group` of `program` at sizes `at` twice from the same inputs (`input(name,
+/// type, n)` gives each input's values, quantised here to its storage): its dispatched kernels on the
+/// sim (inputs updated in place share their storage with the update, other results and scratch start
+/// as poison) and the group on the cpu reference (`cpu::exec::eval_group`). Returns every result.
+pub fn group_vs_cpu(
+    program: &Program,
+    group: &KernelGroup,
+    at: &Bindings,
+    mut input: impl FnMut(&str, &flashc_compiler::gir::TensorType, usize) -> Vec<f32>,
+) -> (Dispatched, Vec<GroupOut>) {
+    let d = dispatch::generate(program, group).unwrap_or_else(|e| panic!("{e}"));
+    let mut dev = Dev::new();
+    let mut root_addr: std::collections::BTreeMap<BufferId, (u64, Vec<f32>)> = std::collections::BTreeMap::new();
+    let mut slots = vec![0u64; program.buffers.len() + d.scratch.len()];
+    let numel = |t: &flashc_compiler::gir::TensorType| t.shape.iter().map(|s| s.eval(at) as usize).product::<usize>();
+    let mut cpu_in = Vec::new();
+    for &b in &group.inputs {
+        let buf = program.buffer(b).expect("input buffer");
+        let n = numel(&buf.ty);
+        let root = buf.root();
+        let (addr, vals) = root_addr
+            .entry(root)
+            .or_insert_with(|| {
+                let v = quantize(buf.ty.dtype, &input(&buf.name, &buf.ty, n));
+                (dev.input(buf.ty.dtype, &v), v)
+            })
+            .clone();
+        slots[b.0 as usize] = addr;
+        cpu_in.push(HostData::F32(vals[..n].to_vec()));
+    }
+    for &b in &group.outputs {
+        let buf = program.buffer(b).expect("output buffer");
+        let addr = match root_addr.get(&buf.root()) {
+            Some((a, _)) => *a,
+            None => dev.output(buf.ty.dtype, numel(&buf.ty)),
+        };
+        slots[b.0 as usize] = addr;
+    }
+    for s in &d.scratch {
+        slots[s.id.0 as usize] = dev.mem.alloc((s.bytes.eval(at) as usize).max(1));
+    }
+    for k in &d.kernels {
+        dev.launch(k, at, &slots);
+    }
+    let cpu_out = flashc_runtime::cpu::exec::eval_group(program, group, cpu_in, at).unwrap_or_else(|e| panic!("{e}"));
+    let outs = group
+        .outputs
+        .iter()
+        .zip(cpu_out)
+        .map(|(&b, c)| {
+            let buf = program.buffer(b).expect("output buffer");
+            let HostData::F32(cpu) = c else { panic!("{}: an integer result", buf.name) };
+            let sim = dev.read(buf.ty.dtype, slots[b.0 as usize], numel(&buf.ty));
+            GroupOut { what: format!("{} {} {}", group.id, group.name, buf.name), dtype: buf.ty.dtype, sim, cpu }
+        })
+        .collect();
+    (d, outs)
+}
