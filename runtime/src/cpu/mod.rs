@@ -34,7 +34,7 @@
 pub mod exec;
 pub mod kernels;
 
-pub use exec::{Cpu, CpuMemory};
+pub use exec::{Cpu, CpuMemory, CpuRounded};
 
 pub use kernels::*;
 
