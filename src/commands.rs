@@ -275,7 +275,14 @@ pub fn compile(file: &Path, opts: &CompileOptions, out: Option<&Path>) -> CmdRes
             let (spec, _) = load_spec(file)?;
             let g = build_gir(&spec, opts)?;
             let p = schedule(&g).map_err(|e| fail(format!("internal error while scheduling: {e}")))?;
-            flashc_codegen::host::write_string(&p, &flashc_codegen::host::Options::default())
+            // The schedule of the GPU devices: each group's generated kernels (a group without a
+            // generator keeps its default launch).
+            let rules = flashc_codegen::kernels::dispatch::generate_all(&p)
+                .into_iter()
+                .filter_map(|(k, d)| d.ok().map(|d| (k.id, flashc_codegen::host::GroupRules::from(&d))))
+                .collect();
+            let options = flashc_codegen::host::Options { rules, ..Default::default() };
+            flashc_codegen::host::write_string(&p, &options)
                 .map_err(|e| fail(format!("internal error while generating the host schedule: {e}")))?
         }
         Emit::Kir | Emit::Ptx => {

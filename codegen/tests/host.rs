@@ -15,7 +15,7 @@ use flashc_codegen::host::plan::{Arg, GroupRules, RuleSource, StorageClass};
 use flashc_codegen::host::{
     self, Dims, HostSchedule, LaunchPlan, Launched, Options, OwnedLaunch, Phase, RunError, Target, interpret,
 };
-use flashc_codegen::kernels::{ArgRule, LaunchRule};
+use flashc_codegen::kernels::{ArgRule, LaunchRule, dispatch};
 use flashc_compiler::gir::{Dim, Mode};
 use flashc_compiler::lower::{LowerOptions, lower};
 use flashc_compiler::passes::{pipeline, run_passes};
@@ -171,6 +171,18 @@ fn native_schedule_matches_the_interpreter_on_every_example() {
             if mode != Mode::Decode {
                 assert!(skipped > 0, "{name} {mode:?}: T = 0 skips kernels");
             }
+            // With the generated kernels' rules (several kernels per group, scratch slots).
+            let rules: BTreeMap<KernelId, GroupRules> = dispatch::generate_all(&p)
+                .into_iter()
+                .filter_map(|(k, d)| d.ok().map(|d| (k.id, GroupRules::from(&d))))
+                .collect();
+            let plan = host::plan(&p, &rules).unwrap_or_else(|e| panic!("{name} {mode:?} generated: {e}"));
+            let parts: usize = rules.values().map(|r| r.kernels.len()).sum::<usize>()
+                + p.kernels.iter().chain(&p.prep).filter(|k| !rules.contains_key(&k.id)).count();
+            assert_eq!(plan.step.launches.len() + plan.prep.launches.len(), parts, "{name} {mode:?}");
+            let scratch: usize = rules.values().map(|r| r.scratch.len()).sum();
+            assert_eq!(plan.slots.iter().filter(|s| s.class == StorageClass::Scratch).count(), scratch);
+            check_plan(&format!("{name} {mode:?} generated"), &plan, &mut rng, 20);
         }
     }
 }

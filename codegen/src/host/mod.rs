@@ -148,18 +148,20 @@ fn render(plan: &LaunchPlan, built: &[(Phase, clif::Built)]) -> Result<String, f
     )?;
     writeln!(w, "; bases:")?;
     for (i, s) in plan.slots.iter().enumerate() {
-        match s.buffer {
-            Some(b) => writeln!(w, ";   [{i}] {} {} ({b})", s.class.name(), s.name)?,
-            None => writeln!(w, ";   [{i}] {}", s.name)?,
+        match (s.buffer, &s.bytes) {
+            (Some(b), _) => writeln!(w, ";   [{i}] {} {} ({b})", s.class.name(), s.name)?,
+            (None, Some(bytes)) => writeln!(w, ";   [{i}] {} {} ({bytes} bytes)", s.class.name(), s.name)?,
+            (None, None) => writeln!(w, ";   [{i}] {}", s.name)?,
         }
     }
     for (phase, b) in built {
         let seq = plan.sequence(*phase);
         writeln!(w, ";")?;
-        writeln!(w, "; {}: {} kernels", phase.name(), seq.launches.len())?;
+        writeln!(w, "; {}: {} launches", phase.name(), seq.launches.len())?;
         for (l, (_, block)) in seq.launches.iter().zip(&b.kernels) {
             let grid: Vec<String> = l.grid.iter().map(|p| p.to_string()).collect();
-            writeln!(w, ";   {} {} at {block}: grid [{}]", l.kernel, l.name, grid.join(", "))?;
+            let part = if l.part > 0 { format!(" (kernel {})", l.part) } else { String::new() };
+            writeln!(w, ";   {} {}{part} at {block}: grid [{}]", l.kernel, l.name, grid.join(", "))?;
         }
         write!(w, "{}", b.func.display())?;
     }
