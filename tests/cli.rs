@@ -333,3 +333,57 @@ fn bench_reports_latency_throughput_kernels_and_the_roofline() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("max_seq"));
 }
+
+/// The `sim` device runs a whole bf16 model from the command line (the generated GPU kernels,
+/// interpreted), and its logits are the cpu's up to bf16 storage.
+#[test]
+fn the_sim_device_runs_a_bf16_model() {
+    let dir = scratch("sim");
+    let arch = dir.join("small.arch");
+    std::fs::write(
+        &arch,
+        "model small { vocab = 256 hidden = 64 meta_tokens = 2 max_seq = 64 dtype = bf16 \
+         op A = attention(heads = 2, kv_heads = 1) op M = mamba2(state = 16, head_dim = 16, chunk = 8) \
+         op D = deltanet(heads = 2, gated = true) op F = ffn(inner = 128) layers = [A, F, M, F, D, F] }",
+    )
+    .unwrap();
+    let a = arch.to_str().unwrap();
+    let w = dir.join("small.safetensors");
+    let ws = w.to_str().unwrap();
+    assert!(flashc(&["init", a, "-o", ws, "--seed", "3"]).status.success());
+    let logits = |device: &str| {
+        let out_path = dir.join(format!("logits-{device}.safetensors"));
+        let out = flashc(&[
+            "logits",
+            a,
+            "--weights",
+            ws,
+            "--tokens",
+            "5 17 200 3 9 42 7",
+            "--tokens",
+            "1 2",
+            "--device",
+            device,
+            "-o",
+            out_path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{device}: {}", text(&out.stderr));
+        let bytes = std::fs::read(&out_path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let seq = |n: &str| -> Vec<f32> {
+            st.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        };
+        (seq("seq0"), seq("seq1"))
+    };
+    let (c0, c1) = logits("cpu");
+    let (s0, s1) = logits("sim");
+    for (s, c) in [(&s0, &c0), (&s1, &c1)] {
+        let num: f64 = s.iter().zip(c.iter()).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+        let den: f64 = c.iter().map(|y| f64::from(*y).powi(2)).sum();
+        let e = (num / den).sqrt();
+        assert!(e < 3e-2, "sim logits are {e:.3e} from the cpu's");
+    }
+    let out = flashc(&["generate", a, "--weights", ws, "--prompt", "hi", "--max-tokens", "3", "--device", "sim"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("tokens/s"), "{}", text(&out.stderr));
+}
