@@ -217,6 +217,28 @@ struct LoadArgs {
     /// The device to run on.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// Store activations and weights in this dtype instead of the model's `dtype` (e.g. run an f32
+    /// reference model on the GPU kernels, which are bf16 first).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+}
+
+/// Storage dtypes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl DTypeArg {
+    fn dtype(self) -> flashc_dsl::spec::DType {
+        match self {
+            DTypeArg::Bf16 => flashc_dsl::spec::DType::Bf16,
+            DTypeArg::F16 => flashc_dsl::spec::DType::F16,
+            DTypeArg::F32 => flashc_dsl::spec::DType::F32,
+        }
+    }
 }
 
 /// Devices.

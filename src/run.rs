@@ -72,6 +72,13 @@ fn load_with(model: &Path, args: &LoadArgs, random: Option<u64>) -> Result<Loade
     // The compiled programs: from an artifact, or compiled once and cached by content.
     let (spec, artifact): (ModelSpec, Artifact) = if is_artifact {
         let a = Artifact::load(model).map_err(fail)?;
+        if let Some(d) = args.dtype.filter(|d| d.dtype() != a.spec.dtype) {
+            return Err(fail(format!(
+                "`{}` is compiled for {:?} storage; --dtype {d:?} applies to .arch sources and Hugging Face directories",
+                model.display(),
+                a.spec.dtype
+            )));
+        }
         (a.spec.clone(), a)
     } else {
         let (spec, source) = if is_dir {
@@ -85,8 +92,19 @@ fn load_with(model: &Path, args: &LoadArgs, random: Option<u64>) -> Result<Loade
         } else {
             load_spec(model)?
         };
-        let a = artifact::cached(&source, &spec).map_err(fail)?;
-        (spec, a)
+        match args.dtype {
+            // Another storage dtype: compiled here (the cache is keyed by the source alone).
+            Some(d) if d.dtype() != spec.dtype => {
+                let mut spec = spec;
+                spec.dtype = d.dtype();
+                let a = artifact::build(&source, &spec).map_err(fail)?;
+                (spec, a)
+            }
+            _ => {
+                let a = artifact::cached(&source, &spec).map_err(fail)?;
+                (spec, a)
+            }
+        }
     };
     let weights: PathBuf = match (&args.weights, is_dir) {
         (Some(w), _) => w.clone(),

@@ -386,4 +386,16 @@ fn the_sim_device_runs_a_bf16_model() {
     let out = flashc(&["generate", a, "--weights", ws, "--prompt", "hi", "--max-tokens", "3", "--device", "sim"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("tokens/s"), "{}", text(&out.stderr));
+
+    // tiny-hybrid stores f32, which the GEMV / GEMM kernels do not: on the sim it runs with
+    // `--dtype bf16`, and without it the error names the group and the way out.
+    let w = dir.join("tiny.safetensors");
+    let ws = w.to_str().unwrap();
+    assert!(flashc(&["init", "examples/tiny-hybrid.arch", "-o", ws]).status.success());
+    let run = ["generate", "examples/tiny-hybrid.arch", "--weights", ws, "--prompt", "a", "--max-tokens", "2"];
+    let out = flashc(&[&run[..], &["--device", "sim", "--dtype", "bf16"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = flashc(&[&run[..], &["--device", "sim"]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("store it in bf16"), "{}", text(&out.stderr));
 }

@@ -347,7 +347,9 @@ impl CudaMemory {
             return Ok(d.clone());
         }
         let d = Arc::new(dispatch::generate(program, group).map_err(|e| {
-            RuntimeError::Compile(format!("{e}: no GPU kernel for this group; run the model on the cpu device"))
+            RuntimeError::Compile(format!(
+                "{e}: no GPU kernel for this group; run the model on the cpu device, or store it in bf16"
+            ))
         })?);
         self.generated.insert(group.id, d.clone());
         Ok(d)

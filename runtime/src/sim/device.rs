@@ -167,7 +167,9 @@ impl SimMemory {
             return Ok(d.clone());
         }
         let d = Arc::new(dispatch::generate(program, group).map_err(|e| {
-            RuntimeError::Compile(format!("{e}: the sim cannot run this group; run the model on the cpu device"))
+            RuntimeError::Compile(format!(
+                "{e}: the sim cannot run this group; run the model on the cpu device, or store it in bf16"
+            ))
         })?);
         self.generated.insert(group.id, d.clone());
         Ok(d)
