@@ -424,7 +424,12 @@ fn clif_of_tiny_hybrid() {
 #[ignore]
 fn timing_of_the_decode_schedule() {
     let p = program("nemotron-flash-1b", &load("nemotron-flash-1b"), Mode::Decode);
-    let plan = host::plan(&p, &BTreeMap::new()).expect("plan");
+    // The GPU devices' schedule: every group's generated kernels.
+    let rules: BTreeMap<KernelId, GroupRules> = dispatch::generate_all(&p)
+        .into_iter()
+        .filter_map(|(k, d)| d.ok().map(|d| (k.id, GroupRules::from(&d))))
+        .collect();
+    let plan = host::plan(&p, &rules).expect("plan");
     let started = Instant::now();
     let s = host::compile(&plan).expect("compile");
     let compile_time = started.elapsed();
