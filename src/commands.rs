@@ -202,6 +202,8 @@ pub struct CompileOptions {
     pub mode: Mode,
     pub passes: Option<Vec<String>>,
     pub print_after: Vec<String>,
+    /// Record ptxas's resource report of every kernel in the artifact.
+    pub resources: bool,
 }
 
 /// Lowers and runs the passes (verifying after each in debug builds), printing `--print-after` dumps.
@@ -241,7 +243,8 @@ pub fn compile(file: &Path, opts: &CompileOptions, out: Option<&Path>) -> CmdRes
             ));
         };
         let (spec, source) = load_spec(file)?;
-        let artifact = flashc_runtime::artifact::build(&source, &spec).map_err(fail)?;
+        let options = flashc_runtime::artifact::BuildOptions { resources: opts.resources };
+        let artifact = flashc_runtime::artifact::build_with(&source, &spec, options).map_err(fail)?;
         artifact.save(out).map_err(fail)?;
         println!("wrote {} ({})", out.display(), artifact.content_hash);
         return Ok(());

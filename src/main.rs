@@ -74,6 +74,10 @@ enum Command {
         /// Write to this file (atomically) instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// With `-o`: assemble every kernel with ptxas and record its registers, spills and shared
+        /// memory in the artifact.
+        #[arg(long)]
+        resources: bool,
     },
     /// Print `.arch` files in canonical form (comments kept).
     #[command(after_help = "Examples:\n  flashc fmt model.arch\n  flashc fmt --write examples/*.arch\n  \
@@ -296,9 +300,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { files, deny_warnings } => commands::check(&files, deny_warnings),
         Command::Info { file, json, batch, tokens } => commands::info(&file, json, batch, tokens),
-        Command::Compile { file, emit, mode, passes, print_after, output } => commands::compile(
+        Command::Compile { file, emit, mode, passes, print_after, output, resources } => commands::compile(
             &file,
-            &commands::CompileOptions { emit, mode: mode.mode(), passes, print_after },
+            &commands::CompileOptions { emit, mode: mode.mode(), passes, print_after, resources },
             output.as_deref(),
         ),
         Command::Fmt { files, write, check } => commands::fmt(&files, write, check),

@@ -5,7 +5,8 @@
 //! the `.arch` text it was compiled from), `spec`, the weight `manifest` (names, shapes, roles),
 //! `programs` (prefill, decode, train and, with meta tokens, prefix — each the scheduled program with
 //! its graph), for each program the `kernels` its groups compile to (per kernel: its group and part,
-//! the PTX for sm_80 and for sm_90, the launch rule, the block and static shared memory), the
+//! the PTX for sm_80 and for sm_90, the launch rule, the block and static shared memory, and with
+//! `BuildOptions::resources` ptxas's registers, spills and shared memory per target), the
 //! `scratch` buffers those kernels use and the groups that have no kernel generator yet (`missing`,
 //! with the reason), and `content_hash`: SHA-256 of the document with `content_hash` empty. The same input gives a
 //! byte-identical file. Reading checks the magic, the version and the hash, so a truncated, corrupt
@@ -54,6 +55,27 @@ pub struct KernelArtifact {
     pub block: Option<[u32; 3]>,
     /// Static shared memory in bytes.
     pub static_shared: u32,
+    /// What `ptxas -v` reports per target, when the artifact was built with `--resources`.
+    pub resources: Vec<Resources>,
+}
+
+/// ptxas's resource report of one kernel for one target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub target: String,
+    pub registers: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    pub shared_bytes: u32,
+    pub stack_bytes: u32,
+}
+
+/// How to build an artifact.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Assemble every kernel with ptxas and record its registers, spills and shared memory (slow:
+    /// one ptxas run per distinct kernel and target; an error when ptxas is missing).
+    pub resources: bool,
 }
 
 /// A scratch buffer of one group's kernels.
@@ -78,8 +100,12 @@ pub struct ProgramArtifact {
     pub missing: Vec<(u32, String)>,
 }
 
+/// ptxas reports by (target, kernel body without its name), so identical kernels assemble once.
+type ResourceCache = std::collections::BTreeMap<(String, String), Resources>;
+
 /// The kernels of a program's groups, their scratch, and the groups without a generator.
-fn kernels_of(program: &Program) -> Result<ProgramArtifact, ArtifactError> {
+fn kernels_of(program: &Program, resources: Option<&mut ResourceCache>) -> Result<ProgramArtifact, ArtifactError> {
+    let mut resources = resources;
     let mut out = ProgramArtifact {
         mode: program.mode.name().to_string(),
         program: program.clone(),
@@ -97,9 +123,34 @@ fn kernels_of(program: &Program) -> Result<ProgramArtifact, ArtifactError> {
         };
         for (part, g) in d.kernels.iter().enumerate() {
             let mut ptx = Vec::new();
+            let mut reports = Vec::new();
             for target in TARGETS {
                 let text = ptx::write_string(&g.kernel, &PtxOptions { target })
                     .map_err(|e| ArtifactError::Compile(format!("{}: {e}", g.kernel.name)))?;
+                if let Some(cache) = resources.as_deref_mut() {
+                    let arch = target.to_string();
+                    let body: String = text.lines().filter(|l| !l.contains(&g.kernel.name)).collect();
+                    let key = (arch.clone(), body);
+                    let r = match cache.get(&key) {
+                        Some(r) => r.clone(),
+                        None => {
+                            let r = ptx::ptxas::assemble(&text, &arch).map_err(|e| {
+                                ArtifactError::Compile(format!("ptxas rejected {} for {arch}: {e}", g.kernel.name))
+                            })?;
+                            let r = Resources {
+                                target: arch,
+                                registers: r.registers,
+                                spill_stores: r.spill_stores,
+                                spill_loads: r.spill_loads,
+                                shared_bytes: r.shared_bytes,
+                                stack_bytes: r.stack_bytes,
+                            };
+                            cache.insert(key, r.clone());
+                            r
+                        }
+                    };
+                    reports.push(r);
+                }
                 ptx.push((target.to_string(), text));
             }
             out.kernels.push(KernelArtifact {
@@ -110,6 +161,7 @@ fn kernels_of(program: &Program) -> Result<ProgramArtifact, ArtifactError> {
                 launch: g.launch.clone(),
                 block: g.kernel.block,
                 static_shared: g.kernel.static_shared_bytes(),
+                resources: reports,
             });
         }
         for sc in &d.scratch {
@@ -173,17 +225,28 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Compiles a spec (from `source`, for the source hash) into an artifact.
 pub fn build(source: &str, spec: &ModelSpec) -> Result<Artifact, ArtifactError> {
+    build_with(source, spec, BuildOptions::default())
+}
+
+/// Compiles a spec into an artifact with options.
+pub fn build_with(source: &str, spec: &ModelSpec, options: BuildOptions) -> Result<Artifact, ArtifactError> {
+    if options.resources && ptx::ptxas::find().is_none() {
+        return Err(ArtifactError::Compile(
+            "--resources needs ptxas (set FLASHC_PTXAS or run scripts/install-ptxas.sh)".to_string(),
+        ));
+    }
+    let mut cache = options.resources.then(ResourceCache::new);
     let mut programs = Vec::new();
     for mode in Mode::ALL {
         // Prefill expects the meta-token prefix in the caches; the prefix entry point prepends it.
         let opts = LowerOptions { mode, prepend_meta: false };
         let program = compile(spec, &opts).map_err(|e| ArtifactError::Compile(e.to_string()))?;
-        programs.push(kernels_of(&program)?);
+        programs.push(kernels_of(&program, cache.as_mut())?);
     }
     if spec.meta_tokens > 0 {
         let program = compile(spec, &LowerOptions { mode: Mode::Prefill, prepend_meta: true })
             .map_err(|e| ArtifactError::Compile(e.to_string()))?;
-        let mut p = kernels_of(&program)?;
+        let mut p = kernels_of(&program, cache.as_mut())?;
         p.mode = "prefix".to_string();
         programs.push(p);
     }
@@ -275,8 +338,14 @@ impl Artifact {
         for p in &self.programs {
             let ptx: usize = p.kernels.iter().map(|k| k.ptx.len()).sum();
             let groups = p.program.prep.len() + p.program.kernels.len();
+            let spills: u32 = p.kernels.iter().flat_map(|k| &k.resources).map(|r| r.spill_stores).sum();
+            let regs = p.kernels.iter().flat_map(|k| &k.resources).map(|r| r.registers).max();
+            let resources = match regs {
+                Some(r) => format!("; ptxas: at most {r} registers, {spills} bytes spilled"),
+                None => String::new(),
+            };
             s.push_str(&format!(
-                "program {:<8} {:>4} kernels per step, {:>3} at load, {:>4} buffers, arena {}; {} of {groups} groups generated ({} GPU kernels, {} PTX modules)\n",
+                "program {:<8} {:>4} kernels per step, {:>3} at load, {:>4} buffers, arena {}; {} of {groups} groups generated ({} GPU kernels, {} PTX modules{resources})\n",
                 p.mode,
                 p.program.kernel_count(),
                 p.program.prep.len(),
