@@ -14,7 +14,7 @@
 //!   to one non-blocking stream of the device, in order; uploads and downloads wait for it first.
 //! - `Cuda::time` brackets work with two events on that stream and reports the GPU time.
 //! - Single kernels, as on the sim (`sim::run`): `Cuda::alloc` gives a zeroed [`CudaBuffer`] (freed on
-//!   drop), `Cuda::write` and `Cuda::read` copy bytes, and `Cuda::run` launches one `kir::Kernel` with
+//!   drop), `Cuda::write` and `Cuda::read` copy bytes, and `Cuda::run_kernel` launches one `kir::Kernel` with
 //!   `sim::Launch` sizes and `sim::Arg` arguments and waits for it. Used by the instruction
 //!   conformance suite (`runtime/tests/gpu_conformance.rs`), which runs the same kernels on both.
 //! - Copies go to the device's stream (pageable copies and memsets on the legacy stream are not
@@ -300,7 +300,7 @@ impl Cuda {
     /// Runs one kir kernel: writes its PTX for the lowest target, loads it (cached), launches it
     /// with `launch` and `args` and waits for it. Errors name the kernel (a fault inside the kernel
     /// shows at the wait, and leaves the context unusable, as CUDA faults do).
-    pub fn run(&self, kernel: &Kernel, launch: &Launch, args: &[Arg]) -> Result<(), RuntimeError> {
+    pub fn run_kernel(&self, kernel: &Kernel, launch: &Launch, args: &[Arg]) -> Result<(), RuntimeError> {
         let bad = |m: String| RuntimeError::Input(format!("kernel `{}`: {m}", kernel.name));
         if args.len() != kernel.params.len() {
             return Err(bad(format!("{} arguments for {} parameters", args.len(), kernel.params.len())));
