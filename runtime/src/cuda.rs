@@ -13,10 +13,11 @@
 //!   for the GPU at hand; a kernel group without a generator is reported as such. Every launch goes
 //!   to one non-blocking stream of the device, in order; uploads and downloads wait for it first.
 //! - `Cuda::time` brackets work with two events on that stream and reports the GPU time.
-//! - Single kernels, as on the sim (`sim::run`): `Cuda::alloc` gives a zeroed [`CudaBuffer`] (freed on
-//!   drop), `Cuda::write` and `Cuda::read` copy bytes, and `Cuda::run_kernel` launches one `kir::Kernel` with
-//!   `sim::Launch` sizes and `sim::Arg` arguments and waits for it. Used by the instruction
-//!   conformance suite (`runtime/tests/gpu_conformance.rs`), which runs the same kernels on both.
+//! - Single kernels, as on the sim (`sim::run`): `Cuda::alloc` gives a zeroed [`CudaBuffer`] (freed
+//!   on drop), `Cuda::write` and `Cuda::read` copy bytes, and `Cuda::run_kernel` launches one
+//!   `kir::Kernel` with `sim::Launch` sizes and `sim::Arg` arguments and waits for it. Used by the
+//!   instruction conformance suite (`runtime/tests/gpu_conformance.rs`), which runs the same
+//!   kernels on both devices.
 //! - Copies go to the device's stream (pageable copies and memsets on the legacy stream are not
 //!   ordered with a non-blocking stream), and allocations wait for their zeroing.
 

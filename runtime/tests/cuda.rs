@@ -4,9 +4,10 @@
 //!   GPU on the operands the cpu saw at that point of the same step, gives the cpu's results
 //!   (relative L2 < 2e-2, as on the sim in `sim_programs.rs`); groups without a generator are
 //!   skipped and named;
-//! - whole sessions (tiny-hybrid, skipped and named while some of its groups have no GPU kernel;
-//!   its attention and FFN layers alone): prefill and decode steps on the GPU give the cpu's logits (relative error
-//!   < 1e-2), and decode after prefill gives the logits of a prefill of the whole sequence.
+//! - whole sessions on tiny-hybrid (skipped, naming the groups, while some have no GPU kernel) and
+//!   on its attention and FFN layers alone: prefill and decode steps on the GPU give the cpu's
+//!   logits (relative error < 1e-2), and decode after prefill gives the logits of a prefill of the
+//!   whole sequence (< 2e-2: two bf16 paths).
 
 use std::sync::OnceLock;
 
@@ -322,17 +323,20 @@ fn decode_after_prefill<D: Device>(test: &str, dev: &D, src: &str) {
     let test = &format!("{test} ({})", model.spec.name);
     let vocab = model.spec.vocab as usize;
     let seq = tokens(7, 12, vocab as u32);
+    // Both runs are bf16 paths within 1e-2 of the cpu (the test above), so they are within 2e-2 of
+    // each other; on the sim they differ by about 7e-3.
+    let bound = 2e-2;
     let mut full = Session::new(dev, &model, 1).expect("session");
     let all = full.prefill(std::slice::from_ref(&seq)).expect("prefill").remove(0);
     let mut inc = Session::new(dev, &model, 1).expect("session");
     let first = inc.prefill(&[seq[..6].to_vec()]).expect("prefill").remove(0);
     let e = rel_err(&first, &all[..6 * vocab]);
-    assert!(e < 1e-2, "the first 6 rows differ by {e:.3e}");
+    assert!(e < bound, "the first 6 rows differ by {e:.3e}");
     for (i, t) in seq[6..].iter().enumerate() {
         let pos = 6 + i;
         let logits = inc.decode(&[*t]).expect("decode").remove(0);
         let e = rel_err(&logits, &all[pos * vocab..(pos + 1) * vocab]);
         eprintln!("{test}: position {pos}: relative error {e:.2e}");
-        assert!(e < 1e-2, "position {pos}: decode differs from the whole prefill by {e:.3e}");
+        assert!(e < bound, "position {pos}: decode differs from the whole prefill by {e:.3e}");
     }
 }

@@ -865,8 +865,8 @@ fn approximations_ex2_rsqrt_rcp_lg2_tanh_within_the_ptx_bounds() {
 
 /// Every thread of the grid (blocks of 256) adds its values to counter `t % 8`: `atom.add.u32` on
 /// global (returning the old value), `red.add.f32`, `red.max.s32` and `red.min.u32` on global, and
-/// per-block `red.add.u32` / `atom.add.f32` on shared memory (thread 0 zeroes the shared slots; after a barrier threads 0..7
-/// write them out).
+/// per-block `red.add.u32` / `atom.add.f32` on shared memory (threads 0..7 zero the shared slots;
+/// after a barrier they write them out).
 fn atomics_kernel() -> Kernel {
     let mut b = Builder::new("conf_atomics");
     let vu = b.param_ptr("vu");
