@@ -1,19 +1,20 @@
 //! The `cuda` device. Without a driver: a clear error, never a panic, and every GPU test prints
 //! `skipped: no CUDA driver` and passes (it fails with `FLASHC_REQUIRE_GPU=1`). With a driver:
 //! - every kernel group the dispatcher generates for `examples/tiny-hybrid.arch` in bf16, run on the
-//!   GPU on the operands the cpu saw at that point of the same step, gives the cpu's results
-//!   (relative L2 < 2e-2, as on the sim in `sim_programs.rs`); groups without a generator are
-//!   skipped and named;
-//! - whole sessions on tiny-hybrid (skipped, naming the groups, while some have no GPU kernel) and
-//!   on its attention and FFN layers alone: prefill and decode steps on the GPU give the cpu's
-//!   logits (relative error < 1e-2), and decode after prefill gives the logits of a prefill of the
-//!   whole sequence (< 2e-2: two bf16 paths).
+//!   GPU on the operands the storage-rounded cpu (`CpuRounded`) saw at that point of the same step,
+//!   gives its results (relative L2 < 2e-2; the sim's bound in `sim_programs.rs` is 1e-2); groups
+//!   without a generator are skipped and named;
+//! - whole sessions on tiny-hybrid and on its attention and FFN layers alone (a model with a group
+//!   that has no GPU kernel is skipped, naming the groups): prefill and decode steps on the GPU
+//!   against the cpu with the sim's rule from `sim_programs.rs` (bf16 storage alone moves
+//!   tiny-hybrid's logits by 1.5e-2, so "< 1e-2 from the exact cpu" cannot hold), and decode after
+//!   prefill against a prefill of the whole sequence.
 
 use std::sync::OnceLock;
 
 use flashc_compiler::gir::{Bindings, DType, Mode};
 use flashc_compiler::schedule::{BufferId, BufferKind, Program};
-use flashc_runtime::cpu::Cpu;
+use flashc_runtime::cpu::{Cpu, CpuRounded};
 use flashc_runtime::cuda::{Cuda, driver_present};
 use flashc_runtime::device::{Device, HostData};
 use flashc_runtime::model::Model;
@@ -159,8 +160,9 @@ fn floats(h: HostData) -> Vec<f32> {
 
 // ---------------------------------------------------------------------------------------------- groups
 
-/// Runs `program` (its prep groups, then a step) on the cpu group by group; every group the
-/// dispatcher generates also runs on the GPU on the cpu's operands of that moment, and its results
+/// Runs `program` (its prep groups, then a step) on the storage-rounded cpu (`CpuRounded`, the tight
+/// reference for bf16 kernels) group by group; every group the dispatcher generates also runs on
+/// the GPU on the cpu's operands of that moment, and its results
 /// are compared. Returns (group, worst relative error) for the generated groups and the names of the
 /// others.
 fn groups_against_cpu(dev: &Cuda, model: &Model, mode: Mode, at: Bindings) -> (Vec<(String, f64)>, Vec<String>) {
@@ -169,18 +171,18 @@ fn groups_against_cpu(dev: &Cuda, model: &Model, mode: Mode, at: Bindings) -> (V
         _ => &model.prefill,
     };
     let p = &entry.program;
-    let mut cpu = model.instantiate(&Cpu, entry, &at).expect("cpu memory");
+    let mut cpu = model.instantiate(&CpuRounded, entry, &at).expect("cpu memory");
     let mut gpu = model.instantiate(dev, entry, &at).expect("GPU memory");
     for (id, data) in step_inputs(p, &at, model.spec.vocab as u32) {
-        Cpu.upload(&mut cpu, id, data.clone()).expect("cpu upload");
+        CpuRounded.upload(&mut cpu, id, data.clone()).expect("cpu upload");
         dev.upload(&mut gpu, id, data).expect("GPU upload");
     }
     let mut checked = Vec::new();
     let mut skipped = Vec::new();
     for k in p.prep.iter().chain(&p.kernels) {
         let ins: Vec<(BufferId, HostData)> =
-            k.inputs.iter().map(|b| (*b, Cpu.download(p, &cpu, *b).expect("cpu operand"))).collect();
-        Cpu.run(p, k, &mut cpu).expect("cpu runs");
+            k.inputs.iter().map(|b| (*b, CpuRounded.download(p, &cpu, *b).expect("cpu operand"))).collect();
+        CpuRounded.run(p, k, &mut cpu).expect("cpu runs");
         if flashc_codegen::kernels::dispatch::generate(p, k).is_err() {
             skipped.push(format!("{} {}", k.id, k.name));
             continue;
@@ -197,7 +199,7 @@ fn groups_against_cpu(dev: &Cuda, model: &Model, mode: Mode, at: Bindings) -> (V
         dev.synchronize().unwrap_or_else(|e| panic!("{} {} on the GPU: {e}", k.id, k.name));
         let mut worst = 0.0f64;
         for b in &k.outputs {
-            let want = floats(Cpu.download(p, &cpu, *b).expect("cpu result"));
+            let want = floats(CpuRounded.download(p, &cpu, *b).expect("cpu result"));
             let got = floats(dev.download(p, &gpu, *b).expect("GPU result"));
             assert!(got.iter().all(|x| x.is_finite()), "{} {}: {b} has non-finite values", k.id, k.name);
             let e = rel_err(&got, &want);
@@ -275,36 +277,50 @@ fn sessions_on_the_gpu_match_the_cpu() {
     }
 }
 
-/// Prefill of two prompts of different lengths and four decode steps on `dev` and on the cpu.
+/// Prefill of two prompts of different lengths and four decode steps on `dev`, on the exact cpu and
+/// on the storage-rounded cpu (`CpuRounded`, bf16 where the GPU kernels store bf16), the rounded
+/// cpu's greedy tokens fed to all. As for the sim in `sim_programs.rs`: every comparison (relative
+/// L2 per sequence) within 3e-2 of the rounded cpu, and the worst within 1e-2 or twice what bf16
+/// storage alone moves the logits (rounded cpu against exact), whichever is larger.
 fn sessions_against_cpu<D: Device>(test: &str, dev: &D, src: &str) {
     let Some(model) = model_for_gpu(test, src) else { return };
     let test = &format!("{test} ({})", model.spec.name);
-    let vocab = model.spec.vocab as u32;
-    let mut cpu = Session::new(&Cpu, &model, 2).expect("cpu session");
+    let vocab = model.spec.vocab as usize;
+    let mut exact = Session::new(&Cpu, &model, 2).expect("cpu session");
+    let mut rounded = Session::new(&CpuRounded, &model, 2).expect("cpu session");
     let mut gpu = Session::new(dev, &model, 2).expect("GPU session");
-    // Two prompts of different lengths.
-    let prompts = vec![tokens(3, 9, vocab), tokens(5, 6, vocab)];
-    let want = cpu.prefill(&prompts).expect("cpu prefill");
-    let got = gpu.prefill(&prompts).expect("GPU prefill");
-    let mut worst = 0f64;
-    for (s, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(g.iter().all(|x| x.is_finite()), "prefill: sequence {s} has non-finite logits");
-        let e = rel_err(g, w);
-        assert!(e < 1e-2, "prefill: sequence {s} differs from the cpu by {e:.3e}");
-        worst = worst.max(e);
-    }
-    eprintln!("{test}: prefill of 9 and 6 tokens: worst relative error {worst:.2e}");
-    for step in 0..4u32 {
-        let next = [(7 + 13 * step) % vocab, (101 + 29 * step) % vocab];
-        let want = cpu.decode(&next).expect("cpu decode");
-        let got = gpu.decode(&next).expect("GPU decode");
-        for (s, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(g.iter().all(|x| x.is_finite()), "decode step {step}: sequence {s} has non-finite logits");
-            let e = rel_err(g, w);
-            assert!(e < 1e-2, "decode step {step}: sequence {s} differs from the cpu by {e:.3e}");
-            eprintln!("{test}: decode step {step} sequence {s}: relative error {e:.2e}");
+    let (mut vs_rounded, mut vs_exact, mut storage) = (0f64, 0f64, 0f64);
+    let mut compare = |what: &str, x: &[Vec<f32>], r: &[Vec<f32>], g: &[Vec<f32>]| {
+        for q in 0..g.len() {
+            assert!(g[q].iter().all(|v| v.is_finite()), "{test}: {what}, sequence {q}: non-finite logits");
+            let e = rel_err(&g[q], &r[q]);
+            assert!(e < 3e-2, "{test}: {what}, sequence {q}: {e:.3e} from the rounded cpu");
+            vs_rounded = vs_rounded.max(e);
+            vs_exact = vs_exact.max(rel_err(&g[q], &x[q]));
+            storage = storage.max(rel_err(&r[q], &x[q]));
         }
+    };
+    // Two prompts of different lengths, the second longer than a Mamba2 chunk.
+    let prompts = vec![tokens(3, 9, vocab as u32), tokens(5, 70, vocab as u32)];
+    let x = exact.prefill(&prompts).expect("cpu prefill");
+    let r = rounded.prefill(&prompts).expect("cpu prefill");
+    let g = gpu.prefill(&prompts).unwrap_or_else(|e| panic!("{test}: GPU prefill: {e}"));
+    compare("prefill", &x, &r, &g);
+    let argmax = |l: &[f32]| l.iter().enumerate().max_by(|p, q| p.1.total_cmp(q.1)).map_or(0, |(i, _)| i as u32);
+    let mut next: Vec<u32> = r.iter().map(|l| argmax(&l[l.len() - vocab..])).collect();
+    for step in 0..4 {
+        let x = exact.decode(&next).expect("cpu decode");
+        let r = rounded.decode(&next).expect("cpu decode");
+        let g = gpu.decode(&next).unwrap_or_else(|e| panic!("{test}: GPU decode step {step}: {e}"));
+        compare(&format!("decode step {step}"), &x, &r, &g);
+        next = r.iter().map(|l| argmax(l)).collect();
     }
+    let bound = (2.0 * storage).max(1e-2);
+    eprintln!(
+        "{test}: logits vs the rounded cpu {vs_rounded:.2e} (bound {bound:.2e}), vs the exact cpu {vs_exact:.2e} \
+         (rounded cpu vs exact {storage:.2e})"
+    );
+    assert!(vs_rounded < bound, "{test}: {vs_rounded:.3e} from the rounded cpu (bound {bound:.3e})");
 }
 
 #[test]
@@ -317,26 +333,38 @@ fn decode_after_prefill_matches_prefill_of_the_whole_sequence_on_the_gpu() {
     }
 }
 
-/// Prefill of 6 tokens then 6 decode steps on `dev` against one prefill of all 12 on `dev`.
-fn decode_after_prefill<D: Device>(test: &str, dev: &D, src: &str) {
-    let Some(model) = model_for_gpu(test, src) else { return };
-    let test = &format!("{test} ({})", model.spec.name);
+/// Per position 0..12: the relative L2 distance between one prefill of all 12 tokens and a prefill of
+/// 6 followed by 6 decode steps, both on `dev` (the first 6 positions compared as one block).
+fn incremental_vs_whole<D: Device>(dev: &D, model: &Model, seq: &[u32]) -> Vec<f64> {
     let vocab = model.spec.vocab as usize;
-    let seq = tokens(7, 12, vocab as u32);
-    // Both runs are bf16 paths within 1e-2 of the cpu (the test above), so they are within 2e-2 of
-    // each other; on the sim they differ by about 7e-3.
-    let bound = 2e-2;
-    let mut full = Session::new(dev, &model, 1).expect("session");
-    let all = full.prefill(std::slice::from_ref(&seq)).expect("prefill").remove(0);
-    let mut inc = Session::new(dev, &model, 1).expect("session");
+    let mut full = Session::new(dev, model, 1).expect("session");
+    let all = full.prefill(&[seq.to_vec()]).expect("prefill").remove(0);
+    let mut inc = Session::new(dev, model, 1).expect("session");
     let first = inc.prefill(&[seq[..6].to_vec()]).expect("prefill").remove(0);
-    let e = rel_err(&first, &all[..6 * vocab]);
-    assert!(e < bound, "the first 6 rows differ by {e:.3e}");
+    let mut out = vec![rel_err(&first, &all[..6 * vocab])];
     for (i, t) in seq[6..].iter().enumerate() {
         let pos = 6 + i;
         let logits = inc.decode(&[*t]).expect("decode").remove(0);
-        let e = rel_err(&logits, &all[pos * vocab..(pos + 1) * vocab]);
-        eprintln!("{test}: position {pos}: relative error {e:.2e}");
-        assert!(e < bound, "position {pos}: decode differs from the whole prefill by {e:.3e}");
+        out.push(rel_err(&logits, &all[pos * vocab..(pos + 1) * vocab]));
+    }
+    out
+}
+
+/// Prefill of 6 tokens then 6 decode steps on `dev` against one prefill of all 12 on `dev`. The two
+/// paths (chunked and recurrent forms) round differently in bf16 and drift apart with the position
+/// (on the sim, tiny-hybrid reaches 2.0e-2 at position 11); a broken state hand-over is off by far
+/// more. Bound per position: 3e-2, or twice the storage-rounded cpu's own distance, whichever is
+/// larger.
+fn decode_after_prefill<D: Device>(test: &str, dev: &D, src: &str) {
+    let Some(model) = model_for_gpu(test, src) else { return };
+    let test = &format!("{test} ({})", model.spec.name);
+    let seq = tokens(7, 12, model.spec.vocab as u32);
+    let got = incremental_vs_whole(dev, &model, &seq);
+    let reference = incremental_vs_whole(&CpuRounded, &model, &seq);
+    for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
+        let what = if i == 0 { "positions 0..6 (prefill)".to_string() } else { format!("position {}", 5 + i) };
+        let bound = (2.0 * r).max(3e-2);
+        eprintln!("{test}: {what}: relative error {g:.2e} (rounded cpu {r:.2e}, bound {bound:.2e})");
+        assert!(*g < bound, "{test}: {what}: decode after prefill differs from the whole prefill by {g:.3e}");
     }
 }
