@@ -262,27 +262,32 @@ fn mma_kernel() -> Kernel {
 }
 
 /// Runs the mma kernel on `tiles` tiles with values from `gen` (rounded to bf16 for A and B).
-fn mma_case(tiles: u32, mut draw: impl FnMut() -> f32) -> (Vec<f32>, Vec<f32>, Outcome) {
+fn mma_case(tiles: u32, mut draw: impl FnMut() -> f32) -> (Vec<f32>, Vec<f64>, Outcome) {
     let n = tiles as usize;
     let a: Vec<u16> = (0..n * 256).map(|_| bf16_bits(draw())).collect();
     let bm: Vec<u16> = (0..n * 128).map(|_| bf16_bits(draw())).collect();
     let c: Vec<f32> = (0..n * 128).map(|_| draw()).collect();
     let b16 = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let out = both(&mma_kernel(), launch(tiles, 32), &[b16(&a), b16(&bm), bytes_f32(&c), vec![0; n * 128 * 4]]);
-    // Σ|a·b| + |c| per output element, for the bound.
+    // Σ|a·b| + |c| per output element, for the bound, and the exact result in f64.
     let mut scale = vec![0f32; n * 128];
+    let mut exact = vec![0f64; n * 128];
     for tile in 0..n {
         for i in 0..16 {
             for j in 0..8 {
                 let mut s = c[tile * 128 + i * 8 + j].abs();
+                let mut e = f64::from(c[tile * 128 + i * 8 + j]);
                 for k in 0..16 {
-                    s += (bf16_f32(a[tile * 256 + i * 16 + k]) * bf16_f32(bm[tile * 128 + k * 8 + j])).abs();
+                    let p = bf16_f32(a[tile * 256 + i * 16 + k]) * bf16_f32(bm[tile * 128 + k * 8 + j]);
+                    s += p.abs();
+                    e += f64::from(p);
                 }
                 scale[tile * 128 + i * 8 + j] = s;
+                exact[tile * 128 + i * 8 + j] = e;
             }
         }
     }
-    (scale, c, out)
+    (scale, exact, out)
 }
 
 #[test]
@@ -292,7 +297,18 @@ fn mma_m16n8k16_bf16_f32_fragments() {
     let mut rng = Rng(0x3A3A);
     let (_, _, exact) = mma_case(16, || (rng.u32() % 9) as f32 - 4.0);
     let mut rng = Rng(0x4B4B);
-    let (scale, _, random) = mma_case(16, || rng.f32(-1.0, 1.0));
+    let (scale, exact_sums, random) = mma_case(16, || rng.f32(-1.0, 1.0));
+    // The sim half on its own: against the f64 sum, relative to Σ|a·b| + |c|.
+    let sim_d = floats(&random.sim[3]);
+    let own = (0..sim_d.len())
+        .map(|i| (f64::from(sim_d[i]) - exact_sums[i]).abs() / f64::from(scale[i]))
+        .fold(0f64, f64::max);
+    eprintln!(
+        "conformance {:<40} {:>6} cases  sim vs f64 sum: max |Δ|/(|c|+Σ|ab|) = {own:.2e}",
+        "mma.m16n8k16 bf16 (random, sim)",
+        sim_d.len()
+    );
+    assert!(own < 2f64.powi(-20), "the sim's mma is {own:e} from the f64 sum");
     let (Some(ge), Some(gr)) = (&exact.gpu, &random.gpu) else {
         skipped("mma.m16n8k16 bf16 (integers)", 16 * 128);
         skipped("mma.m16n8k16 bf16 (random)", 16 * 128);
@@ -784,8 +800,25 @@ enum Bound {
     Rel(f32),
 }
 
-fn approx_case(name: &str, op: UnOp, xs: &[f32], bound: Bound) {
+/// How far the sim is from `exact` (in f64, rounded once to f32), in ulp, over the inputs whose
+/// exact result is a normal f32 (where `.ftz` changes nothing).
+fn sim_vs_exact(xs: &[f32], sim: &[f32], exact: fn(f64) -> f64) -> u64 {
+    let mut worst = 0;
+    for (x, s) in xs.iter().zip(sim) {
+        let want = exact(f64::from(*x)) as f32;
+        if want.is_normal() && s.is_finite() && x.is_finite() {
+            worst = worst.max(ulps(*s, want));
+        }
+    }
+    worst
+}
+
+fn approx_case(name: &str, op: UnOp, xs: &[f32], bound: Bound, exact: fn(f64) -> f64) {
     let (s, g) = un_f32(&format!("conf_{}", name.replace('.', "_")), op, xs);
+    // The sim half on its own: the sim computes these in f64 and rounds once.
+    let own = sim_vs_exact(xs, &s, exact);
+    eprintln!("conformance {:<40} {:>6} cases  sim vs f64 reference: max {own} ulp", format!("{name} (sim)"), xs.len());
+    assert!(own <= 1, "{name}: the sim is {own} ulp from the f64 reference");
     let Some(g) = g else {
         skipped(name, xs.len());
         return;
@@ -841,24 +874,24 @@ fn inputs(seed: u64, specials: &[f32], lo: f32, hi: f32) -> Vec<f32> {
 fn approximations_ex2_rsqrt_rcp_lg2_tanh_within_the_ptx_bounds() {
     require_gpu_if_asked();
     let specials = [0.0, -0.0, 1.0, -1.0, 0.5, 2.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
-    approx_case("ex2.approx.ftz.f32", UnOp::Ex2Approx, &inputs(1, &specials, -100.0, 100.0), Bound::Ulps(3));
+    approx_case("ex2.approx.ftz.f32", UnOp::Ex2Approx, &inputs(1, &specials, -100.0, 100.0), Bound::Ulps(3), f64::exp2);
     let mut rng = Rng(2);
     // Positive magnitudes over 2^-60 .. 2^60 (log-uniform), with the specials.
     let mut pos: Vec<f32> = vec![1.0, 4.0, 0.25, 2.0, f32::INFINITY, 0.0, f32::MAX];
     while pos.len() < 2048 {
         pos.push(2f32.powf(rng.f32(-60.0, 60.0)));
     }
-    approx_case("rsqrt.approx.ftz.f32", UnOp::RsqrtApprox, &pos, Bound::Ulps(3));
-    approx_case("rcp.approx.ftz.f32", UnOp::RcpApprox, &pos, Bound::Ulps(2));
-    approx_case("lg2.approx.ftz.f32", UnOp::Lg2Approx, &pos, Bound::Abs(2f32.powi(-22)));
+    approx_case("rsqrt.approx.ftz.f32", UnOp::RsqrtApprox, &pos, Bound::Ulps(3), |x| 1.0 / x.sqrt());
+    approx_case("rcp.approx.ftz.f32", UnOp::RcpApprox, &pos, Bound::Ulps(2), |x| 1.0 / x);
+    approx_case("lg2.approx.ftz.f32", UnOp::Lg2Approx, &pos, Bound::Abs(2f32.powi(-22)), f64::log2);
     // Small arguments too, where tanh x ≈ x.
     let mut small = specials.to_vec();
     small.extend((0..256).map(|i| (i as f32 - 128.0) * 1e-3));
     let t = inputs(3, &small, -6.0, 6.0);
-    approx_case("tanh.approx.f32", UnOp::TanhApprox, &t, Bound::Rel(2f32.powf(-10.5)));
+    approx_case("tanh.approx.f32", UnOp::TanhApprox, &t, Bound::Rel(2f32.powf(-10.5)), f64::tanh);
     // The correctly rounded ones are exact.
-    approx_case("sqrt.rn.f32", UnOp::Sqrt, &pos, Bound::Ulps(0));
-    approx_case("rcp.rn.f32", UnOp::Rcp, &pos, Bound::Ulps(0));
+    approx_case("sqrt.rn.f32", UnOp::Sqrt, &pos, Bound::Ulps(0), f64::sqrt);
+    approx_case("rcp.rn.f32", UnOp::Rcp, &pos, Bound::Ulps(0), |x| 1.0 / x);
 }
 
 // ---------------------------------------------------------------------------------------------- atomics
