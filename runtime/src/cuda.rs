@@ -13,6 +13,13 @@
 //!   for the GPU at hand; a kernel group without a generator is reported as such. Every launch goes
 //!   to one non-blocking stream of the device, in order; uploads and downloads wait for it first.
 //! - `Cuda::time` brackets work with two events on that stream and reports the GPU time.
+//! - Single kernels, as on the sim (`sim::run`): `Cuda::alloc` gives a zeroed [`CudaBuffer`] (freed
+//!   on drop), `Cuda::write` and `Cuda::read` copy bytes, and `Cuda::run_kernel` launches one
+//!   `kir::Kernel` with `sim::Launch` sizes and `sim::Arg` arguments and waits for it. Used by the
+//!   instruction conformance suite (`runtime/tests/gpu_conformance.rs`), which runs the same
+//!   kernels on both devices.
+//! - Copies go to the device's stream (pageable copies and memsets on the legacy stream are not
+//!   ordered with a non-blocking stream), and allocations wait for their zeroing.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, c_void};
@@ -22,12 +29,13 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys;
 use flashc_codegen::kernels::Generated;
 use flashc_codegen::kernels::dispatch::{self, Dispatched};
-use flashc_codegen::kir::ParamTy;
+use flashc_codegen::kir::{Kernel, ParamTy};
 use flashc_codegen::ptx;
 use flashc_compiler::gir::Bindings;
 use flashc_compiler::schedule::{BufferId, KernelGroup, KernelId, Program};
 
 use crate::device::{Device, HostData, RuntimeError};
+use crate::sim::{Arg, Launch};
 
 fn dev_err(what: &str, r: sys::CUresult) -> RuntimeError {
     RuntimeError::Device(format!("{what} failed: {r:?}"))
@@ -172,17 +180,30 @@ impl Cuda {
     /// Launches a generated kernel on the device's stream with raw 64-bit arguments (each passed in
     /// its parameter's width).
     fn launch_kernel(&self, g: &Generated, grid: [u32; 3], shared: u32, raw: &[u64]) -> Result<(), RuntimeError> {
-        if raw.len() != g.kernel.params.len() {
+        self.launch_raw(&g.kernel, grid, g.launch.block, shared, raw)
+    }
+
+    /// Launches `kernel` on the device's stream with raw 64-bit arguments (each passed in its
+    /// parameter's width), without waiting for it.
+    fn launch_raw(
+        &self,
+        kernel: &Kernel,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared: u32,
+        raw: &[u64],
+    ) -> Result<(), RuntimeError> {
+        if raw.len() != kernel.params.len() {
             return Err(RuntimeError::Compile(format!(
                 "{}: {} arguments for {} parameters",
-                g.kernel.name,
+                kernel.name,
                 raw.len(),
-                g.kernel.params.len()
+                kernel.params.len()
             )));
         }
-        let text = ptx::write_string(&g.kernel, &ptx::Options::default())
-            .map_err(|e| RuntimeError::Compile(format!("{}: {e}", g.kernel.name)))?;
-        let f = self.function(&g.kernel.name, &text)?;
+        let text = ptx::write_string(kernel, &ptx::Options::default())
+            .map_err(|e| RuntimeError::Compile(format!("{}: {e}", kernel.name)))?;
+        let f = self.function(&kernel.name, &text)?;
         if shared > 48 * 1024 {
             // SAFETY: a function of a loaded module; the attribute takes a byte count.
             check("cuFuncSetAttribute", unsafe {
@@ -196,7 +217,7 @@ impl Cuda {
         // Each value in a u64 slot: a 4-byte parameter reads the low half (little-endian hosts).
         let mut values: Vec<u64> = raw
             .iter()
-            .zip(&g.kernel.params)
+            .zip(&kernel.params)
             .map(|(v, p)| match p.ty {
                 ParamTy::Ptr | ParamTy::U64 => *v,
                 ParamTy::U32 | ParamTy::S32 | ParamTy::F32 => *v & 0xFFFF_FFFF,
@@ -204,10 +225,10 @@ impl Cuda {
             .collect();
         let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| (v as *mut u64).cast()).collect();
         let [gx, gy, gz] = grid;
-        let [bx, by, bz] = g.launch.block;
+        let [bx, by, bz] = block;
         // SAFETY: `params` points to one value per kernel parameter, alive during the call (the
         // driver copies them at launch).
-        check(&format!("cuLaunchKernel({})", g.kernel.name), unsafe {
+        check(&format!("cuLaunchKernel({})", kernel.name), unsafe {
             sys::cuLaunchKernel(
                 f,
                 gx,
@@ -222,6 +243,89 @@ impl Cuda {
                 std::ptr::null_mut(),
             )
         })
+    }
+
+    /// A device allocation of `bytes`, zeroed, freed when the buffer is dropped.
+    pub fn alloc(&self, bytes: usize) -> Result<CudaBuffer, RuntimeError> {
+        self.bind()?;
+        Ok(CudaBuffer { buf: alloc(bytes)? })
+    }
+
+    /// Copies `bytes` into `dst` at byte `offset`, after the work issued so far.
+    pub fn write(&self, dst: &CudaBuffer, offset: usize, bytes: &[u8]) -> Result<(), RuntimeError> {
+        let end = offset.checked_add(bytes.len()).filter(|e| *e <= dst.buf.bytes).ok_or_else(|| {
+            RuntimeError::Input(format!(
+                "writing {} bytes at offset {offset} of a buffer of {} bytes",
+                bytes.len(),
+                dst.buf.bytes
+            ))
+        })?;
+        if end == offset {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the destination range lies inside the allocation (checked above); the host
+        // buffer outlives the copy because the stream is synchronised before returning.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst.buf.ptr + offset as u64, bytes.as_ptr().cast(), bytes.len(), self.stream)
+        })?;
+        self.sync_stream()
+    }
+
+    /// Reads `len` bytes of `src` from byte `offset`, after the work issued so far.
+    pub fn read(&self, src: &CudaBuffer, offset: usize, len: usize) -> Result<Vec<u8>, RuntimeError> {
+        offset.checked_add(len).filter(|e| *e <= src.buf.bytes).ok_or_else(|| {
+            RuntimeError::Input(format!(
+                "reading {len} bytes at offset {offset} of a buffer of {} bytes",
+                src.buf.bytes
+            ))
+        })?;
+        let mut host = vec![0u8; len];
+        if len > 0 {
+            self.copy_to_host(&mut host, src.buf.ptr + offset as u64)?;
+        }
+        Ok(host)
+    }
+
+    /// Copies device memory at `src` into `host` on the device's stream and waits for it.
+    fn copy_to_host(&self, host: &mut [u8], src: sys::CUdeviceptr) -> Result<(), RuntimeError> {
+        self.bind()?;
+        // SAFETY: the caller checked that `host.len()` bytes from `src` lie in one allocation; the
+        // host buffer outlives the copy because the stream is synchronised before returning.
+        check("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(host.as_mut_ptr().cast(), src, host.len(), self.stream)
+        })?;
+        self.sync_stream()
+    }
+
+    /// Runs one kir kernel: writes its PTX for the lowest target, loads it (cached), launches it
+    /// with `launch` and `args` and waits for it. Errors name the kernel (a fault inside the kernel
+    /// shows at the wait, and leaves the context unusable, as CUDA faults do).
+    pub fn run_kernel(&self, kernel: &Kernel, launch: &Launch, args: &[Arg]) -> Result<(), RuntimeError> {
+        let bad = |m: String| RuntimeError::Input(format!("kernel `{}`: {m}", kernel.name));
+        if args.len() != kernel.params.len() {
+            return Err(bad(format!("{} arguments for {} parameters", args.len(), kernel.params.len())));
+        }
+        let mut raw = Vec::with_capacity(args.len());
+        for (a, p) in args.iter().zip(&kernel.params) {
+            raw.push(match (a, p.ty) {
+                (Arg::Ptr(v), ParamTy::Ptr) | (Arg::U64(v), ParamTy::U64) => *v,
+                (Arg::U32(v), ParamTy::U32) => u64::from(*v),
+                (Arg::S32(v), ParamTy::S32) => u64::from(*v as u32),
+                (Arg::F32(v), ParamTy::F32) => u64::from(v.to_bits()),
+                _ => return Err(bad(format!("argument {a:?} for parameter {} of type {:?}", p.name, p.ty))),
+            });
+        }
+        if launch.grid.contains(&0) || launch.block.contains(&0) {
+            return Err(bad(format!("empty grid {:?} or block {:?}", launch.grid, launch.block)));
+        }
+        if let Some(b) = kernel.block
+            && b != launch.block
+        {
+            return Err(bad(format!("written for blocks of {b:?}, launched with {:?}", launch.block)));
+        }
+        self.launch_raw(kernel, launch.grid, launch.block, launch.dynamic_shared, &raw)?;
+        self.sync_stream().map_err(|e| RuntimeError::Device(format!("kernel `{}`: {e}", kernel.name)))
     }
 
     /// Runs `work` between two events on the device's stream; returns its result and the GPU time
@@ -297,12 +401,39 @@ impl Drop for DevBuf {
     }
 }
 
+/// A device buffer of the single-kernel API ([`Cuda::alloc`]), zeroed when allocated and freed on
+/// drop.
+pub struct CudaBuffer {
+    buf: DevBuf,
+}
+
+impl CudaBuffer {
+    /// The device address, for `Arg::Ptr`.
+    pub fn addr(&self) -> u64 {
+        self.buf.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.bytes == 0
+    }
+}
+
+/// A zeroed allocation (the context must be current).
 fn alloc(bytes: usize) -> Result<DevBuf, RuntimeError> {
     let mut ptr = 0;
     // SAFETY: out-pointer we own; zero-size allocations are skipped.
     if bytes > 0 {
         check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) })?;
+        let buf = DevBuf { ptr, bytes };
+        // The memset runs on the legacy stream, which a non-blocking stream does not wait for:
+        // wait for it here, so no kernel sees the allocation before it is zeroed.
         check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(ptr, 0, bytes) })?;
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })?;
+        return Ok(buf);
     }
     Ok(DevBuf { ptr, bytes })
 }
@@ -367,6 +498,48 @@ impl CudaMemory {
     }
 }
 
+impl Cuda {
+    /// Writes any buffer of `program` (an activation in the arena included), in its dtype: for tests
+    /// that run one kernel group on given operands (like `SimMemory::write`).
+    pub fn write_buffer(
+        &self,
+        program: &Program,
+        mem: &mut CudaMemory,
+        buffer: BufferId,
+        data: &HostData,
+    ) -> Result<(), RuntimeError> {
+        use flashc_compiler::gir::DType;
+        let b = program.buffer(buffer).ok_or_else(|| RuntimeError::Input(format!("no buffer {buffer}")))?;
+        let n = usize::try_from(b.ty.numel().eval(&mem.at))
+            .map_err(|_| RuntimeError::Input(format!("{buffer} has a negative size")))?;
+        if data.len() != n {
+            return Err(RuntimeError::Input(format!("buffer {buffer} holds {n} values, {} given", data.len())));
+        }
+        let bytes: Vec<u8> = match (b.ty.dtype, data) {
+            (DType::F32, HostData::F32(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            (DType::Bf16, HostData::F32(v)) => {
+                v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
+            }
+            (DType::F16, HostData::F32(v)) => {
+                v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect()
+            }
+            (DType::I32, HostData::I32(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            (d, _) => return Err(RuntimeError::Input(format!("buffer {buffer}: wrong host data for {d:?}"))),
+        };
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let addr = mem.address(program, buffer)?;
+        self.bind()?;
+        // SAFETY: the program's plan places `bytes.len()` bytes of this buffer at `addr`; the host
+        // bytes outlive the copy (the stream is synchronised below).
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(addr, bytes.as_ptr().cast(), bytes.len(), self.stream)
+        })?;
+        self.sync_stream()
+    }
+}
+
 impl Device for Cuda {
     type Memory = CudaMemory;
 
@@ -415,8 +588,12 @@ impl Device for Cuda {
             return Err(RuntimeError::Input(format!("{buffer} holds {} bytes, {} given", b.bytes, bytes.len())));
         }
         if !bytes.is_empty() {
-            // SAFETY: the destination holds exactly `bytes.len()` bytes.
-            check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(b.ptr, bytes.as_ptr().cast(), bytes.len()) })?;
+            // SAFETY: the destination holds exactly `bytes.len()` bytes; the host bytes outlive the
+            // copy (the stream is synchronised below).
+            check("cuMemcpyHtoDAsync", unsafe {
+                sys::cuMemcpyHtoDAsync_v2(b.ptr, bytes.as_ptr().cast(), bytes.len(), self.stream)
+            })?;
+            self.sync_stream()?;
         }
         Ok(())
     }
@@ -437,13 +614,16 @@ impl Device for Cuda {
         };
         let mut host = vec![0u8; bytes];
         if bytes > 0 {
-            // SAFETY: the source range lies inside the allocation (checked by the program's plan).
-            check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), ptr, bytes) })?;
+            // The source range lies inside the allocation (checked by the program's plan).
+            self.copy_to_host(&mut host, ptr)?;
         }
         Ok(match (buf.ty.dtype, elem) {
             (flashc_compiler::gir::DType::I32, _) => {
                 HostData::I32(host.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
             }
+            (flashc_compiler::gir::DType::F16, _) => HostData::F32(
+                host.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+            ),
             (_, 2) => HostData::F32(
                 host.chunks_exact(2)
                     .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
