@@ -125,3 +125,29 @@ fn the_cache_is_content_addressed() {
     assert!(cached(SRC, &spec).expect("recompiled").to_bytes().unwrap() == a.to_bytes().unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `resources`, every kernel carries ptxas's report for sm_80 and sm_90 (registers, no spills
+/// in this small model); without ptxas that is a clear error.
+#[test]
+fn artifacts_can_record_ptxas_resources() {
+    let (spec, _) = flashc_dsl::load(SRC).expect("valid");
+    let options = flashc_runtime::artifact::BuildOptions { resources: true };
+    if flashc_codegen::ptx::ptxas::find().is_none() {
+        assert!(!flashc_codegen::ptx::ptxas::require(), "FLASHC_REQUIRE_PTXAS=1 but ptxas was not found");
+        let err = flashc_runtime::artifact::build_with(SRC, &spec, options).unwrap_err();
+        assert!(err.to_string().contains("ptxas"), "{err}");
+        eprintln!("SKIPPED: ptxas not found (scripts/install-ptxas.sh)");
+        return;
+    }
+    let a = flashc_runtime::artifact::build_with(SRC, &spec, options).expect("build");
+    let decode = a.programs.iter().find(|p| p.mode == "decode").expect("decode");
+    assert!(!decode.kernels.is_empty());
+    for k in &decode.kernels {
+        let targets: Vec<&str> = k.resources.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, ["sm_80", "sm_90"], "{}", k.name);
+        for r in &k.resources {
+            assert!(r.registers > 0 && r.spill_stores == 0, "{} {}: {r:?}", k.name, r.target);
+        }
+    }
+    assert!(a.summary().contains("bytes spilled"));
+}
