@@ -31,8 +31,8 @@ use flashc_codegen::kernels::Generated;
 use flashc_codegen::kernels::dispatch::{self, Dispatched};
 use flashc_codegen::kir::{Kernel, ParamTy};
 use flashc_codegen::ptx;
-use flashc_compiler::gir::Bindings;
-use flashc_compiler::schedule::{BufferId, KernelGroup, KernelId, Program};
+use flashc_compiler::gir::{Bindings, DType};
+use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, KernelId, Program};
 
 use crate::device::{Device, HostData, RuntimeError};
 use crate::sim::{Arg, Launch};
@@ -51,6 +51,9 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// A weight on the device and the host data it was uploaded from (kept alive, see `Cuda::weights`).
+type SharedWeight = (Arc<Vec<f32>>, Arc<DevBuf>);
+
 /// A loaded PTX module and its kernel.
 struct Module {
     handle: sys::CUmodule,
@@ -66,6 +69,10 @@ pub struct Cuda {
     /// The stream every launch goes to.
     stream: sys::CUstream,
     modules: Mutex<BTreeMap<String, Module>>,
+    /// Weights on the device, uploaded once and shared by every program instance: keyed by the
+    /// host data's address and the stored size (the host data is kept alive with its entry, so
+    /// the address stays unique).
+    weights: Mutex<BTreeMap<(usize, usize), SharedWeight>>,
     /// Where failed PTX is written for reproduction.
     dump_dir: PathBuf,
 }
@@ -95,7 +102,13 @@ impl Cuda {
                 "cuStreamCreate",
                 sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32),
             )?;
-            Ok(Cuda { context: ctx, stream, modules: Mutex::new(BTreeMap::new()), dump_dir: std::env::temp_dir() })
+            Ok(Cuda {
+                context: ctx,
+                stream,
+                modules: Mutex::new(BTreeMap::new()),
+                weights: Mutex::new(BTreeMap::new()),
+                dump_dir: std::env::temp_dir(),
+            })
         }
     }
 
@@ -287,6 +300,24 @@ impl Cuda {
         Ok(host)
     }
 
+    /// Copies `bytes` to the start of `dst` (which holds exactly that many) on the device's stream
+    /// and waits for it.
+    fn copy_to_device(&self, dst: &DevBuf, bytes: &[u8]) -> Result<(), RuntimeError> {
+        if bytes.len() != dst.bytes {
+            return Err(RuntimeError::Input(format!("{} bytes for a buffer of {}", bytes.len(), dst.bytes)));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the destination holds exactly `bytes.len()` bytes; the host bytes outlive the copy
+        // because the stream is synchronised before returning.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst.ptr, bytes.as_ptr().cast(), bytes.len(), self.stream)
+        })?;
+        self.sync_stream()
+    }
+
     /// Copies device memory at `src` into `host` on the device's stream and waits for it.
     fn copy_to_host(&self, host: &mut [u8], src: sys::CUdeviceptr) -> Result<(), RuntimeError> {
         self.bind()?;
@@ -442,7 +473,10 @@ fn alloc(bytes: usize) -> Result<DevBuf, RuntimeError> {
 pub struct CudaMemory {
     at: Bindings,
     arena: DevBuf,
-    buffers: BTreeMap<BufferId, DevBuf>,
+    /// Storage outside the arena by root buffer (weights shared with the device's weight cache).
+    buffers: BTreeMap<BufferId, Arc<DevBuf>>,
+    /// Every root buffer's dtype and size in bytes at this memory's sizes.
+    roots: BTreeMap<BufferId, (DType, usize)>,
     /// Scratch of a compiled schedule's slots, by slot index.
     scratch: BTreeMap<usize, DevBuf>,
     /// Scratch of groups run one by one, by group and placeholder id.
@@ -508,24 +542,14 @@ impl Cuda {
         buffer: BufferId,
         data: &HostData,
     ) -> Result<(), RuntimeError> {
-        use flashc_compiler::gir::DType;
         let b = program.buffer(buffer).ok_or_else(|| RuntimeError::Input(format!("no buffer {buffer}")))?;
         let n = usize::try_from(b.ty.numel().eval(&mem.at))
             .map_err(|_| RuntimeError::Input(format!("{buffer} has a negative size")))?;
         if data.len() != n {
             return Err(RuntimeError::Input(format!("buffer {buffer} holds {n} values, {} given", data.len())));
         }
-        let bytes: Vec<u8> = match (b.ty.dtype, data) {
-            (DType::F32, HostData::F32(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            (DType::Bf16, HostData::F32(v)) => {
-                v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
-            }
-            (DType::F16, HostData::F32(v)) => {
-                v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect()
-            }
-            (DType::I32, HostData::I32(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            (d, _) => return Err(RuntimeError::Input(format!("buffer {buffer}: wrong host data for {d:?}"))),
-        };
+        let bytes =
+            crate::sim::encode(b.ty.dtype, data).map_err(|m| RuntimeError::Input(format!("buffer {buffer}: {m}")))?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -551,15 +575,21 @@ impl Device for Cuda {
         self.bind()?;
         let arena = alloc(usize::try_from(program.arena_bytes(at)).unwrap_or(0))?;
         let mut buffers = BTreeMap::new();
+        let mut roots = BTreeMap::new();
         for b in program.buffers.iter().filter(|b| b.alias.is_none() && !b.kind.in_arena()) {
             let bytes = usize::try_from(b.bytes.eval(at))
                 .map_err(|_| RuntimeError::Input(format!("{} has a negative size", b.id)))?;
-            buffers.insert(b.id, alloc(bytes)?);
+            roots.insert(b.id, (b.ty.dtype, bytes));
+            // Weights come from the device's weight cache (`share_weight`).
+            if b.kind != BufferKind::Weight {
+                buffers.insert(b.id, Arc::new(alloc(bytes)?));
+            }
         }
         Ok(CudaMemory {
             at: *at,
             arena,
             buffers,
+            roots,
             scratch: BTreeMap::new(),
             group_scratch: BTreeMap::new(),
             generated: BTreeMap::new(),
@@ -569,33 +599,39 @@ impl Device for Cuda {
     }
 
     fn share_weight(&self, mem: &mut CudaMemory, buffer: BufferId, data: Arc<Vec<f32>>) -> Result<(), RuntimeError> {
-        self.upload(mem, buffer, HostData::F32(data.as_ref().clone()))
+        let &(dtype, bytes) =
+            mem.roots.get(&buffer).ok_or_else(|| RuntimeError::Input(format!("{buffer} is not a buffer")))?;
+        if dtype.size() as usize * data.len() != bytes {
+            return Err(RuntimeError::Input(format!("{buffer} holds {bytes} bytes, {} values given", data.len())));
+        }
+        let key = (Arc::as_ptr(&data) as usize, bytes);
+        let mut cache = self.weights.lock().map_err(|_| RuntimeError::Device("weight cache poisoned".into()))?;
+        let dev = match cache.get(&key) {
+            Some((_, d)) => d.clone(),
+            None => {
+                self.bind()?;
+                let d = Arc::new(alloc(bytes)?);
+                let encoded = crate::sim::encode(dtype, &HostData::F32(data.as_ref().clone()))
+                    .map_err(|m| RuntimeError::Input(format!("{buffer}: {m}")))?;
+                self.copy_to_device(&d, &encoded)?;
+                cache.insert(key, (data.clone(), d.clone()));
+                d
+            }
+        };
+        mem.buffers.insert(buffer, dev);
+        Ok(())
     }
 
     fn upload(&self, mem: &mut CudaMemory, buffer: BufferId, data: HostData) -> Result<(), RuntimeError> {
-        self.sync_stream()?;
+        let &(dtype, bytes) =
+            mem.roots.get(&buffer).ok_or_else(|| RuntimeError::Input(format!("{buffer} cannot be uploaded to")))?;
         let b =
             mem.buffers.get(&buffer).ok_or_else(|| RuntimeError::Input(format!("{buffer} cannot be uploaded to")))?;
-        // Floats are stored as bf16 when the buffer is 2 bytes per element, else f32; ints as i32.
-        let bytes: Vec<u8> = match data {
-            HostData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            HostData::F32(v) if b.bytes == v.len() * 2 => {
-                v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect()
-            }
-            HostData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        };
-        if bytes.len() != b.bytes {
-            return Err(RuntimeError::Input(format!("{buffer} holds {} bytes, {} given", b.bytes, bytes.len())));
+        let encoded = crate::sim::encode(dtype, &data).map_err(|m| RuntimeError::Input(format!("{buffer}: {m}")))?;
+        if encoded.len() != bytes {
+            return Err(RuntimeError::Input(format!("{buffer} holds {bytes} bytes, {} given", encoded.len())));
         }
-        if !bytes.is_empty() {
-            // SAFETY: the destination holds exactly `bytes.len()` bytes; the host bytes outlive the
-            // copy (the stream is synchronised below).
-            check("cuMemcpyHtoDAsync", unsafe {
-                sys::cuMemcpyHtoDAsync_v2(b.ptr, bytes.as_ptr().cast(), bytes.len(), self.stream)
-            })?;
-            self.sync_stream()?;
-        }
-        Ok(())
+        self.copy_to_device(b, &encoded)
     }
 
     fn download(&self, program: &Program, mem: &CudaMemory, buffer: BufferId) -> Result<HostData, RuntimeError> {
@@ -617,20 +653,7 @@ impl Device for Cuda {
             // The source range lies inside the allocation (checked by the program's plan).
             self.copy_to_host(&mut host, ptr)?;
         }
-        Ok(match (buf.ty.dtype, elem) {
-            (flashc_compiler::gir::DType::I32, _) => {
-                HostData::I32(host.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-            }
-            (flashc_compiler::gir::DType::F16, _) => HostData::F32(
-                host.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-            ),
-            (_, 2) => HostData::F32(
-                host.chunks_exact(2)
-                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                    .collect(),
-            ),
-            _ => HostData::F32(host.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        })
+        Ok(crate::sim::decode(buf.ty.dtype, &host))
     }
 
     fn run(&self, program: &Program, group: &KernelGroup, mem: &mut CudaMemory) -> Result<(), RuntimeError> {

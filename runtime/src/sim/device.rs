@@ -110,8 +110,8 @@ fn device_error(e: SimError) -> RuntimeError {
     RuntimeError::Device(e.to_string())
 }
 
-/// Host values in a dtype's storage format.
-fn encode(dtype: DType, data: &HostData) -> Result<Vec<u8>, String> {
+/// Host values in a dtype's storage format (bf16 and f16 rounded to nearest even).
+pub(crate) fn encode(dtype: DType, data: &HostData) -> Result<Vec<u8>, String> {
     Ok(match (dtype, data) {
         (DType::F32, HostData::F32(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         (DType::Bf16, HostData::F32(v)) => v.iter().flat_map(|x| super::f32_to_bf16(*x).to_le_bytes()).collect(),
@@ -122,7 +122,8 @@ fn encode(dtype: DType, data: &HostData) -> Result<Vec<u8>, String> {
     })
 }
 
-fn decode(dtype: DType, bytes: &[u8]) -> HostData {
+/// Host values of bytes in a dtype's storage format (widened exactly).
+pub(crate) fn decode(dtype: DType, bytes: &[u8]) -> HostData {
     match dtype {
         DType::F32 => {
             HostData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

@@ -48,6 +48,7 @@ mod warp;
 use flashc_codegen::kir::{Inst, Kernel, Operand, ParamTy, Reg, Stmt};
 
 pub use device::{Sim, SimMemory};
+pub(crate) use device::{decode, encode};
 pub use error::{Access, SimError, SimErrorKind};
 pub use memory::GlobalMemory;
 pub use num::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
