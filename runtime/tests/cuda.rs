@@ -10,16 +10,18 @@
 //!   tiny-hybrid's logits by 1.5e-2, so "< 1e-2 from the exact cpu" cannot hold), and decode after
 //!   prefill against a prefill of the whole sequence.
 
+mod programs;
+
 use std::sync::OnceLock;
 
-use flashc_compiler::gir::{Bindings, DType, Mode};
-use flashc_compiler::schedule::{BufferId, BufferKind, Program};
-use flashc_runtime::cpu::{Cpu, CpuRounded};
-use flashc_runtime::cuda::{Cuda, driver_present};
-use flashc_runtime::device::{Device, HostData};
+use flashc_compiler::gir::{Bindings, Mode};
+use flashc_compiler::schedule::{BufferId, Program};
+use flashc_runtime::cpu::CpuRounded;
+use flashc_runtime::cuda::{Cuda, CudaMemory, driver_present};
+use flashc_runtime::device::{Device, HostData, RuntimeError};
 use flashc_runtime::model::Model;
 use flashc_runtime::session::Session;
-use flashc_runtime::weights::{Weights, init};
+use programs::{bf16_model, groups_against_cpu, rel_err, sessions_against_cpu, tiny_hybrid_source, tokens};
 
 /// Whether a missing GPU fails the tests (`FLASHC_REQUIRE_GPU=1`, set by `scripts/gpu-check.sh`).
 fn gpu_required() -> bool {
@@ -64,19 +66,8 @@ fn without_a_driver_the_device_is_a_clear_error() {
 
 // ---------------------------------------------------------------------------------------------- helpers
 
-fn bf16(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
-}
-
-/// `examples/tiny-hybrid.arch`.
-fn tiny_hybrid() -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-hybrid.arch");
-    std::fs::read_to_string(path).expect("example")
-}
-
-/// tiny-hybrid's attention and FFN layers alone: every group of its prefill and decode steps has a
-/// GPU kernel today (tiny-hybrid's Mamba2 prefill and DeltaNet decode do not yet), so a whole
-/// session runs on the GPU.
+/// tiny-hybrid's attention and FFN layers alone: a small model whose groups are all plain
+/// attention and FFN kernels.
 const TINY_ATTENTION: &str = "model tiny_attention {
   vocab = 256
   hidden = 128
@@ -92,130 +83,16 @@ const TINY_ATTENTION: &str = "model tiny_attention {
   layers = [A, F, W, R, A, F]
 }";
 
-/// tiny-hybrid in bf16 with bf16-exact random weights.
-fn tiny_bf16_parts() -> (flashc_dsl::ModelSpec, Weights) {
-    bf16_parts(&tiny_hybrid())
-}
-
-/// A model in bf16 with bf16-exact random weights (the spec and weights, to compile per device).
-fn bf16_parts(src: &str) -> (flashc_dsl::ModelSpec, Weights) {
-    let mut spec = flashc_dsl::load(src).expect("valid").0;
-    spec.dtype = flashc_dsl::spec::DType::Bf16;
-    let mut w = init(&spec, 7);
-    for name in w.names().cloned().collect::<Vec<_>>() {
-        if let Some(t) = w.get_mut(&name) {
-            t.data.iter_mut().for_each(|x| *x = bf16(*x));
-        }
-    }
-    (spec, w)
-}
-
-/// A deterministic value in [-scale, scale), rounded to bf16.
-fn noise(seed: u64, i: usize, scale: f32) -> f32 {
-    let mut x = seed.wrapping_add(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 29;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 32;
-    bf16(((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
-}
-
-/// Inputs and states of a step: tokens, positions, lengths (all of T), random caches and recurrent
-/// states.
-fn step_inputs(program: &Program, at: &Bindings, vocab: u32) -> Vec<(BufferId, HostData)> {
-    let b = at.b as usize;
-    let mut out = Vec::new();
-    for buf in program.buffers.iter().filter(|x| x.alias.is_none()) {
-        let n = buf.ty.numel().eval(at) as usize;
-        match (buf.kind, buf.name.as_str()) {
-            (BufferKind::Input, "tokens") => {
-                out.push((buf.id, HostData::I32((0..n).map(|i| ((i * 37 + 11) as u32 % vocab) as i32).collect())))
-            }
-            (BufferKind::Input, "start") => {
-                out.push((buf.id, HostData::I32((0..b).map(|i| (9 + 23 * i) as i32).collect())))
-            }
-            (BufferKind::Input, "lens") => out.push((buf.id, HostData::I32(vec![at.t as i32; b]))),
-            (BufferKind::State, _) => {
-                let scale = if buf.name.ends_with("_cache") { 1.0 } else { 0.3 };
-                out.push((buf.id, HostData::F32((0..n).map(|i| noise(u64::from(buf.id.0), i, scale)).collect())))
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn floats(h: HostData) -> Vec<f32> {
-    match h {
-        HostData::F32(v) => v,
-        HostData::I32(v) => v.into_iter().map(|x| x as f32).collect(),
-    }
+fn cuda_write(dev: &Cuda) -> impl Fn(&Program, &mut CudaMemory, BufferId, &HostData) -> Result<(), RuntimeError> + '_ {
+    move |p, mem, b, d| dev.write_buffer(p, mem, b, d)
 }
 
 // ---------------------------------------------------------------------------------------------- groups
 
-/// Runs `program` (its prep groups, then a step) on the storage-rounded cpu (`CpuRounded`, the tight
-/// reference for bf16 kernels) group by group; every group the dispatcher generates also runs on
-/// the GPU on the cpu's operands of that moment, and its results
-/// are compared. Returns (group, worst relative error) for the generated groups and the names of the
-/// others.
-fn groups_against_cpu(dev: &Cuda, model: &Model, mode: Mode, at: Bindings) -> (Vec<(String, f64)>, Vec<String>) {
-    let entry = match mode {
-        Mode::Decode => &model.decode,
-        _ => &model.prefill,
-    };
-    let p = &entry.program;
-    let mut cpu = model.instantiate(&CpuRounded, entry, &at).expect("cpu memory");
-    let mut gpu = model.instantiate(dev, entry, &at).expect("GPU memory");
-    for (id, data) in step_inputs(p, &at, model.spec.vocab as u32) {
-        CpuRounded.upload(&mut cpu, id, data.clone()).expect("cpu upload");
-        dev.upload(&mut gpu, id, data).expect("GPU upload");
-    }
-    let mut checked = Vec::new();
-    let mut skipped = Vec::new();
-    for k in p.prep.iter().chain(&p.kernels) {
-        let ins: Vec<(BufferId, HostData)> =
-            k.inputs.iter().map(|b| (*b, CpuRounded.download(p, &cpu, *b).expect("cpu operand"))).collect();
-        CpuRounded.run(p, k, &mut cpu).expect("cpu runs");
-        if flashc_codegen::kernels::dispatch::generate(p, k).is_err() {
-            skipped.push(format!("{} {}", k.id, k.name));
-            continue;
-        }
-        for (b, data) in &ins {
-            let data = match (p.buffer(*b).map(|x| x.ty.dtype), data) {
-                (Some(DType::I32), HostData::F32(v)) => HostData::I32(v.iter().map(|x| *x as i32).collect()),
-                _ => data.clone(),
-            };
-            dev.write_buffer(p, &mut gpu, *b, &data)
-                .unwrap_or_else(|e| panic!("{} {}: writing {b}: {e}", k.id, k.name));
-        }
-        dev.run(p, k, &mut gpu).unwrap_or_else(|e| panic!("{} {} on the GPU: {e}", k.id, k.name));
-        dev.synchronize().unwrap_or_else(|e| panic!("{} {} on the GPU: {e}", k.id, k.name));
-        let mut worst = 0.0f64;
-        for b in &k.outputs {
-            let want = floats(CpuRounded.download(p, &cpu, *b).expect("cpu result"));
-            let got = floats(dev.download(p, &gpu, *b).expect("GPU result"));
-            assert!(got.iter().all(|x| x.is_finite()), "{} {}: {b} has non-finite values", k.id, k.name);
-            let e = rel_err(&got, &want);
-            assert!(e < 2e-2, "{} {}: result {b} differs from the cpu by {e:.3e} (relative L2)", k.id, k.name);
-            worst = worst.max(e);
-        }
-        checked.push((format!("{} {}", k.id, k.name), worst));
-    }
-    (checked, skipped)
-}
-
 fn groups_case(test: &str, mode: Mode, at: Bindings) {
     let Some(dev) = gpu(test) else { return };
-    let (spec, w) = tiny_bf16_parts();
-    let model = Model::new(&Cpu, spec, w).expect("compiles");
-    let (checked, skipped) = groups_against_cpu(dev, &model, mode, at);
+    let model = bf16_model(&tiny_hybrid_source(), 7);
+    let (checked, skipped) = groups_against_cpu(dev, &cuda_write(dev), &model, mode, at, 2e-2);
     eprintln!("{test}: {} groups checked on the GPU; not generated (skipped): {skipped:?}", checked.len());
     for (k, e) in &checked {
         eprintln!("  {k:<48} {e:.2e}");
@@ -235,16 +112,11 @@ fn tiny_hybrid_prefill_groups_on_the_gpu_match_the_cpu() {
 
 // ---------------------------------------------------------------------------------------------- sessions
 
-fn tokens(seed: u32, n: usize, vocab: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (seed.wrapping_mul(2654435761).wrapping_add(i * 40503)) % vocab).collect()
-}
-
 /// The model `src` in bf16, compiled (with its prepared weights) on the cpu, or `None` (printed)
 /// when a group of its prefill or decode step has no GPU kernel yet. Prepared weights are host
 /// data, so the same model runs on every device.
 fn model_for_gpu(test: &str, src: &str) -> Option<Model> {
-    let (spec, w) = bf16_parts(src);
-    let model = Model::new(&Cpu, spec, w).expect("compiles");
+    let model = bf16_model(src, 7);
     let step = |p: &Program| -> Vec<String> {
         p.kernels
             .iter()
@@ -264,7 +136,7 @@ fn model_for_gpu(test: &str, src: &str) -> Option<Model> {
 /// The models the session tests run: tiny-hybrid (skipped while some of its groups have no GPU
 /// kernel) and its attention and FFN layers alone.
 fn session_models() -> [String; 2] {
-    [tiny_hybrid(), TINY_ATTENTION.to_string()]
+    [tiny_hybrid_source(), TINY_ATTENTION.to_string()]
 }
 
 #[test]
@@ -272,55 +144,18 @@ fn sessions_on_the_gpu_match_the_cpu() {
     let test = "sessions";
     if let Some(dev) = gpu(test) {
         for src in session_models() {
-            sessions_against_cpu(test, dev, &src);
+            sessions_against_cpu_on(test, dev, &src);
         }
     }
 }
 
-/// Prefill of two prompts of different lengths and four decode steps on `dev`, on the exact cpu and
-/// on the storage-rounded cpu (`CpuRounded`, bf16 where the GPU kernels store bf16), the rounded
-/// cpu's greedy tokens fed to all. As for the sim in `sim_programs.rs`: every comparison (relative
-/// L2 per sequence) within 3e-2 of the rounded cpu, and the worst within 1e-2 or twice what bf16
-/// storage alone moves the logits (rounded cpu against exact), whichever is larger.
-fn sessions_against_cpu<D: Device>(test: &str, dev: &D, src: &str) {
+/// Prefill of two prompts of different lengths (the second longer than a Mamba2 chunk) and four
+/// decode steps on `dev` against the exact and the storage-rounded cpu (`programs::sessions_against_cpu`).
+fn sessions_against_cpu_on<D: Device>(test: &str, dev: &D, src: &str) {
     let Some(model) = model_for_gpu(test, src) else { return };
-    let test = &format!("{test} ({})", model.spec.name);
-    let vocab = model.spec.vocab as usize;
-    let mut exact = Session::new(&Cpu, &model, 2).expect("cpu session");
-    let mut rounded = Session::new(&CpuRounded, &model, 2).expect("cpu session");
-    let mut gpu = Session::new(dev, &model, 2).expect("GPU session");
-    let (mut vs_rounded, mut vs_exact, mut storage) = (0f64, 0f64, 0f64);
-    let mut compare = |what: &str, x: &[Vec<f32>], r: &[Vec<f32>], g: &[Vec<f32>]| {
-        for q in 0..g.len() {
-            assert!(g[q].iter().all(|v| v.is_finite()), "{test}: {what}, sequence {q}: non-finite logits");
-            let e = rel_err(&g[q], &r[q]);
-            assert!(e < 3e-2, "{test}: {what}, sequence {q}: {e:.3e} from the rounded cpu");
-            vs_rounded = vs_rounded.max(e);
-            vs_exact = vs_exact.max(rel_err(&g[q], &x[q]));
-            storage = storage.max(rel_err(&r[q], &x[q]));
-        }
-    };
-    // Two prompts of different lengths, the second longer than a Mamba2 chunk.
-    let prompts = vec![tokens(3, 9, vocab as u32), tokens(5, 70, vocab as u32)];
-    let x = exact.prefill(&prompts).expect("cpu prefill");
-    let r = rounded.prefill(&prompts).expect("cpu prefill");
-    let g = gpu.prefill(&prompts).unwrap_or_else(|e| panic!("{test}: GPU prefill: {e}"));
-    compare("prefill", &x, &r, &g);
-    let argmax = |l: &[f32]| l.iter().enumerate().max_by(|p, q| p.1.total_cmp(q.1)).map_or(0, |(i, _)| i as u32);
-    let mut next: Vec<u32> = r.iter().map(|l| argmax(&l[l.len() - vocab..])).collect();
-    for step in 0..4 {
-        let x = exact.decode(&next).expect("cpu decode");
-        let r = rounded.decode(&next).expect("cpu decode");
-        let g = gpu.decode(&next).unwrap_or_else(|e| panic!("{test}: GPU decode step {step}: {e}"));
-        compare(&format!("decode step {step}"), &x, &r, &g);
-        next = r.iter().map(|l| argmax(l)).collect();
-    }
-    let bound = (2.0 * storage).max(1e-2);
-    eprintln!(
-        "{test}: logits vs the rounded cpu {vs_rounded:.2e} (bound {bound:.2e}), vs the exact cpu {vs_exact:.2e} \
-         (rounded cpu vs exact {storage:.2e})"
-    );
-    assert!(vs_rounded < bound, "{test}: {vs_rounded:.3e} from the rounded cpu (bound {bound:.3e})");
+    let vocab = model.spec.vocab as u32;
+    let prompts = vec![tokens(3, 9, vocab), tokens(5, 70, vocab)];
+    sessions_against_cpu(dev, &model, &prompts, 4).report(&format!("{test} ({})", model.spec.name));
 }
 
 #[test]

@@ -23,6 +23,8 @@
 //! - float atomics: bit for bit on values whose every partial sum is exact (multiples of 1/16 of
 //!   magnitude < 2^10); on random values |Δ| ≤ n · 2^-24 · Σ|v| for n additions.
 
+mod fragments;
+
 use std::sync::OnceLock;
 
 use flashc_codegen::kir::{
@@ -194,73 +196,6 @@ fn ulps(a: f32, b: f32) -> u64 {
 
 // ---------------------------------------------------------------------------------------------- mma
 
-/// Loads a 16-bit element `base[index]` into a b16 register.
-fn ld16(b: &mut Builder, base: Reg, index: Reg) -> Reg {
-    let a = b.index(base, index, 2);
-    b.ld(Space::Global, Ty::B16, Cache::None, a.into(), 0)
-}
-
-/// `(row + row_add) * cols + col + col_add` as a u32 register.
-fn rc(b: &mut Builder, row: Reg, row_add: u32, col: Reg, col_add: u32, cols: u32) -> Reg {
-    let r = b.add(Ty::U32, row.into(), row_add.into());
-    let c = b.add(Ty::U32, col.into(), col_add.into());
-    b.mad(Ty::U32, r.into(), cols.into(), c.into())
-}
-
-/// D = A (16×16 row-major bf16) · B (16×8 k-major bf16) + C (16×8 f32), one warp per block, block
-/// `ctaid.x` on its own tiles. Fragments are built element by element from the PTX layout.
-fn mma_kernel() -> Kernel {
-    let mut b = Builder::new("conf_mma");
-    let pa = b.param_ptr("a");
-    let pb = b.param_ptr("b");
-    let pc = b.param_ptr("c");
-    let pd = b.param_ptr("d");
-    let blk = b.special(Special::CtaidX);
-    let pa = b.index(pa, blk, 16 * 16 * 2);
-    let pb = b.index(pb, blk, 16 * 8 * 2);
-    let pc = b.index(pc, blk, 16 * 8 * 4);
-    let pd = b.index(pd, blk, 16 * 8 * 4);
-    let lane = b.special(Special::LaneId);
-    let g = b.bin(BinOp::Shr, Ty::U32, lane.into(), 2u32.into());
-    let t = b.bin(BinOp::And, Ty::B32, lane.into(), 3u32.into());
-    let t2 = b.mul(Ty::U32, t.into(), 2u32.into());
-    let mut a = Vec::new();
-    for (dr, dc) in [(0, 0), (8, 0), (0, 8), (8, 8)] {
-        let i0 = rc(&mut b, g, dr, t2, dc, 16);
-        let i1 = rc(&mut b, g, dr, t2, dc + 1, 16);
-        let lo = ld16(&mut b, pa, i0);
-        let hi = ld16(&mut b, pa, i1);
-        let r = b.reg(Ty::B32);
-        b.raw(Inst::Pack16 { dst: r, lo, hi });
-        a.push(r);
-    }
-    let mut bf = Vec::new();
-    for dk in [0, 8] {
-        let i0 = rc(&mut b, t2, dk, g, 0, 8);
-        let i1 = rc(&mut b, t2, dk + 1, g, 0, 8);
-        let lo = ld16(&mut b, pb, i0);
-        let hi = ld16(&mut b, pb, i1);
-        let r = b.reg(Ty::B32);
-        b.raw(Inst::Pack16 { dst: r, lo, hi });
-        bf.push(r);
-    }
-    let cells: Vec<Reg> =
-        [(0, 0), (0, 1), (8, 0), (8, 1)].iter().map(|&(dr, dc)| rc(&mut b, g, dr, t2, dc, 8)).collect();
-    let c: Vec<Reg> = cells
-        .iter()
-        .map(|i| {
-            let ad = b.index(pc, *i, 4);
-            b.ld(Space::Global, Ty::F32, Cache::None, ad.into(), 0)
-        })
-        .collect();
-    let d = b.mma([a[0], a[1], a[2], a[3]], [bf[0], bf[1]], [c[0], c[1], c[2], c[3]]);
-    for (i, cell) in cells.iter().enumerate() {
-        let ad = b.index(pd, *cell, 4);
-        b.st(Space::Global, Ty::F32, ad.into(), 0, d[i].into());
-    }
-    b.finish()
-}
-
 /// Runs the mma kernel on `tiles` tiles with values from `gen` (rounded to bf16 for A and B).
 fn mma_case(tiles: u32, mut draw: impl FnMut() -> f32) -> (Vec<f32>, Vec<f64>, Outcome) {
     let n = tiles as usize;
@@ -268,7 +203,8 @@ fn mma_case(tiles: u32, mut draw: impl FnMut() -> f32) -> (Vec<f32>, Vec<f64>, O
     let bm: Vec<u16> = (0..n * 128).map(|_| bf16_bits(draw())).collect();
     let c: Vec<f32> = (0..n * 128).map(|_| draw()).collect();
     let b16 = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let out = both(&mma_kernel(), launch(tiles, 32), &[b16(&a), b16(&bm), bytes_f32(&c), vec![0; n * 128 * 4]]);
+    let out =
+        both(&fragments::mma_kernel(), launch(tiles, 32), &[b16(&a), b16(&bm), bytes_f32(&c), vec![0; n * 128 * 4]]);
     // Σ|a·b| + |c| per output element, for the bound, and the exact result in f64.
     let mut scale = vec![0f32; n * 128];
     let mut exact = vec![0f64; n * 128];

@@ -1,6 +1,8 @@
 //! The `sim` device: tiny kir kernels, built with the `Builder`, checked against hand-computed results
 //! instruction family by instruction family, and every error detector on a kernel that trips it.
 
+mod fragments;
+
 use flashc_codegen::kir::{
     AtomOp, BinOp, Builder, Cache, Cmp, Inst, Kernel, Operand, ParamTy, Reg, Round, ShflMode, Space, Special, Ty, UnOp,
     VoteMode,
@@ -742,70 +744,11 @@ fn votes_all_any_and_ballot() {
     }
 }
 
-/// Loads a 16-bit element `base[index]` (index a u32 register) into a b16 register.
-fn ld16(b: &mut Builder, base: Reg, index: Reg) -> Reg {
-    let a = b.index(base, index, 2);
-    b.ld(Space::Global, Ty::B16, Cache::None, a.into(), 0)
-}
-
-/// `row * cols + col` as a u32 register.
-fn rc(b: &mut Builder, row: Reg, row_add: u32, col: Reg, col_add: u32, cols: u32) -> Reg {
-    let r = b.add(Ty::U32, row.into(), row_add.into());
-    let c = b.add(Ty::U32, col.into(), col_add.into());
-    b.mad(Ty::U32, r.into(), cols.into(), c.into())
-}
-
 #[test]
 fn mma_m16n8k16_matches_a_naive_product() {
-    // D (16×8) = A (16×16, row-major bf16) · B (16×8, row-major k × n bf16) + C (16×8 f32), one warp.
-    // Every fragment is built element by element from the PTX layout (g = lane / 4, t = lane % 4).
-    let mut b = Builder::new("mma_test");
-    let pa = b.param_ptr("a");
-    let pb = b.param_ptr("b");
-    let pc = b.param_ptr("c");
-    let pd = b.param_ptr("d");
-    let lane = b.special(Special::LaneId);
-    let g = b.bin(BinOp::Shr, Ty::U32, lane.into(), 2u32.into());
-    let t = b.bin(BinOp::And, Ty::B32, lane.into(), 3u32.into());
-    let t2 = b.mul(Ty::U32, t.into(), 2u32.into());
-    // A: reg i = row g (+8 for regs 1, 3), cols 2t, 2t+1 (+8 for regs 2, 3), low half first.
-    let mut a = Vec::new();
-    for (dr, dc) in [(0, 0), (8, 0), (0, 8), (8, 8)] {
-        let i0 = rc(&mut b, g, dr, t2, dc, 16);
-        let i1 = rc(&mut b, g, dr, t2, dc + 1, 16);
-        let lo = ld16(&mut b, pa, i0);
-        let hi = ld16(&mut b, pa, i1);
-        let r = b.reg(Ty::B32);
-        b.raw(Inst::Pack16 { dst: r, lo, hi });
-        a.push(r);
-    }
-    // B: reg i = k rows 2t, 2t+1 (+8 for reg 1) of column g.
-    let mut bf = Vec::new();
-    for dk in [0, 8] {
-        let i0 = rc(&mut b, t2, dk, g, 0, 8);
-        let i1 = rc(&mut b, t2, dk + 1, g, 0, 8);
-        let lo = ld16(&mut b, pb, i0);
-        let hi = ld16(&mut b, pb, i1);
-        let r = b.reg(Ty::B32);
-        b.raw(Inst::Pack16 { dst: r, lo, hi });
-        bf.push(r);
-    }
-    // C and D: c0, c1 = row g, cols 2t, 2t+1; c2, c3 = row g+8.
-    let cells: Vec<Reg> =
-        [(0, 0), (0, 1), (8, 0), (8, 1)].iter().map(|&(dr, dc)| rc(&mut b, g, dr, t2, dc, 8)).collect();
-    let c: Vec<Reg> = cells
-        .iter()
-        .map(|i| {
-            let ad = b.index(pc, *i, 4);
-            b.ld(Space::Global, Ty::F32, Cache::None, ad.into(), 0)
-        })
-        .collect();
-    let dr = b.mma([a[0], a[1], a[2], a[3]], [bf[0], bf[1]], [c[0], c[1], c[2], c[3]]);
-    for (i, cell) in cells.iter().enumerate() {
-        let ad = b.index(pd, *cell, 4);
-        b.st(Space::Global, Ty::F32, ad.into(), 0, dr[i].into());
-    }
-    let k = b.finish();
+    // D (16×8) = A (16×16, row-major bf16) · B (16×8, row-major k × n bf16) + C (16×8 f32), one warp;
+    // every fragment built element by element from the PTX layout (`fragments::mma_kernel`).
+    let k = fragments::mma_kernel();
 
     let mut rng = Rng(42);
     let mut mem = GlobalMemory::new();
