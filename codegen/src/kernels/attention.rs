@@ -247,7 +247,8 @@ pub struct KvWriteSpec {
     /// `(cache, new)` buffers, written in order.
     pub pairs: Vec<(BufferId, BufferId)>,
     pub start: BufferId,
-    /// Write only the first `lens[b]` tokens (prefill); `None` writes all `T` (the `kv_write` op).
+    /// Write only the first `lens[b]` tokens (the rule the prefill's fused write follows); `None` writes
+    /// all `T` (the `kv_write` op).
     pub lens: Option<BufferId>,
 }
 
