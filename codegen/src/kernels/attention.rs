@@ -6,52 +6,73 @@
 //! the softmax are f32. Caches are `[B, C, Hkv, d]` ring buffers (position `p` in slot `p mod C`);
 //! query head `h` reads kv head `h / G` with `G = Hq / Hkv`.
 //!
-//! # Prefill (`attention_prefill` → two kernels, launched in order)
+//! # Prefill (`attention_prefill` → one kernel: the attention, with the KV-cache write fused)
 //!
-//! 1. **`<name>` — the attention.** One block of 128 threads (4 warps) per (query tile, sequence ×
-//!    kv head): grid `[T, B·Hkv, 1]`.
-//!    * **GQA rows.** The `G` query heads of a kv head are packed into the rows of one tile: row
-//!      `m ∈ 0..T·G` is token `m / G`, head `hk·G + m % G`. A tile is `BR = 64` consecutive rows
-//!      (`64 / G` tokens), each warp owns 16 rows (FA2 "split-Q": warps never exchange softmax
-//!      state), so every K/V tile is loaded once for all `G` heads. There are `⌈T·G / 64⌉` tiles; the
-//!      launch rule's grid x is `T` (a `Dim` has no ceiling division, and `T ≥ ⌈T·G/64⌉` for `G ≤
-//!      64`): blocks past the last tile exit at once. A launcher that knows `T` may use
-//!      [`prefill_grid`] instead — the kernel derives its tile from `ctaid.x` only.
-//!    * **Key range.** The block's queries sit at positions `start[b] + t_lo ..= start[b] + t_hi`; it
-//!      streams keys `lo ..= hi` with `hi = start[b] + t_hi` (**causal tile skipping**: no tile lies
-//!      entirely above the diagonal) and `lo = max(0, start[b] + t_lo + 1 − window)` (**sliding-window
-//!      skipping**: no tile lies entirely left of the window), in tiles of `BC = 64` keys starting at
-//!      `lo`. Key `j` comes from the caches (slot `j mod C`) when `j < start[b]`, else from the new
-//!      `k`/`v` (token `j − start[b]`): each 16-byte chunk picks its own source, so tiles may straddle
-//!      the cached prefix and the new keys, and the ring buffer needs no special case.
-//!    * **Shared memory (dynamic, `640·d` bytes: 40 KiB at d = 64, 80 KiB at d = 128):** the Q tile
-//!      `[64][d]` and two stages each of K and V `[64][d]` bf16. Rows of `2d` bytes are 16-byte chunks
-//!      XOR-swizzled with the row (`chunk ^ ((row >> r) & (s − 1))`, `s = min(d/8, 8)`, `r = log2(8/s)`)
-//!      so `ldmatrix` phases and `cp.async` writes are conflict-free (no swizzle when `d/8` is not a
-//!      power of two).
-//!    * **Pipeline:** `cp.async.cg` 16-byte copies with `src-size 0` zero fill for keys past `hi` and
-//!      rows past `T` (from a clamped in-range address), **double-buffered**: Q and K/V tile 0 are two
-//!      commit groups; iteration `i` issues tile `i + 1` into the other stage, commits (also when
-//!      empty), waits for one pending group, `bar.sync`s, computes on stage `i & 1`, and `bar.sync`s
-//!      again before that stage is refilled.
-//!    * **Tensor cores:** Q fragments are loaded once (`ldmatrix.x4`, `d/16` × 4 registers per
-//!      thread). `S = Q·Kᵀ` takes `d/16 × 4` `ldmatrix.x4` (K rows are the "col" B operand) and
-//!      `d/16 × 8` `mma.sync.m16n8k16` per warp and tile; `O += P·V` takes `4 × d/16`
-//!      `ldmatrix.x4.trans` and `4 × d/8` mma. **P stays in registers**: the f32 accumulators of two
-//!      adjacent n8 tiles, packed to bf16x2, are exactly an A fragment.
-//!    * **Online softmax in f32** on the raw scores with `scale·log2(e)` folded into one
-//!      `fma` before `ex2.approx` (`p = 2^(s·c − m·c)`); the row max is reduced over the mma quad with
-//!      two `shfl.bfly`; the row sum stays per thread until the end (the rescale factors are
-//!      quad-uniform), and O is divided by it once.
-//!    * **Masking only where needed:** a tile takes the masked path (per-element causal and window
-//!      compare, `-inf` scores, a guard for rows with no visible key yet) only if it straddles the
-//!      diagonal of the block's first query or the window edge of its last query; interior tiles run
-//!      unmasked. The branch is block-uniform.
-//! 2. **`<name>_kv_write` — the cache write**, the [`kv_write`] kernel for both caches with `lens`:
-//!    only the `lens[b]` valid new tokens are written (padding never overwrites a ring slot), and of
-//!    those only the last `C`, so every slot is written once and the later token wins. It cannot be
-//!    fused into the attention kernel: with a ring buffer (`C < start + T`) a new key's slot can hold
-//!    a cached position that another block's queries still read.
+//! **`<name>`.** One block of 128 threads (4 warps) per (query tile, sequence × kv head): grid
+//! `[T, B·Hkv, 1]`.
+//! * **GQA rows.** The `G` query heads of a kv head are packed into the rows of one tile: row
+//!   `m ∈ 0..T·G` is token `m / G`, head `hk·G + m % G`. A tile is `BR = 64` consecutive rows
+//!   (`64 / G` tokens), each warp owns 16 rows (FA2 "split-Q": warps never exchange softmax
+//!   state), so every K/V tile is loaded once for all `G` heads. There are `⌈T·G / 64⌉` tiles; the
+//!   launch rule's grid x is `T` (a `Dim` has no ceiling division, and `T ≥ ⌈T·G/64⌉` for `G ≤
+//!   64`): blocks past the last tile exit at once. A launcher that knows `T` may use
+//!   [`prefill_grid`] instead — the kernel derives its tile from `ctaid.x` only.
+//! * **Key range.** The block's queries sit at positions `start[b] + t_lo ..= start[b] + t_hi`; it
+//!   streams keys `lo ..= hi` with `hi = start[b] + t_hi` (**causal tile skipping**: no tile lies
+//!   entirely above the diagonal) and `lo = max(0, start[b] + t_lo + 1 − window)` (**sliding-window
+//!   skipping**: no tile lies entirely left of the window), in tiles of `BC = 64` keys starting at
+//!   `lo`. Key `j` comes from the caches (slot `j mod C`) when `j < start[b]`, else from the new
+//!   `k`/`v` (token `j − start[b]`): each 16-byte chunk picks its own source, so tiles may straddle
+//!   the cached prefix and the new keys, and the ring buffer needs no special case.
+//! * **Shared memory (dynamic, `640·d` bytes: 40 KiB at d = 64, 80 KiB at d = 128):** the Q tile
+//!   `[64][d]` and two stages each of K and V `[64][d]` bf16. Rows of `2d` bytes are 16-byte chunks
+//!   XOR-swizzled with the row (`chunk ^ ((row >> r) & (s − 1))`, `s = min(d/8, 8)`, `r = log2(8/s)`)
+//!   so `ldmatrix` phases and `cp.async` writes are conflict-free (no swizzle when `d/8` is not a
+//!   power of two).
+//! * **Pipeline:** `cp.async.cg` 16-byte copies with `src-size 0` zero fill for keys past `hi` and
+//!   rows past `T` (from a clamped in-range address), **double-buffered**: Q and K/V tile 0 are two
+//!   commit groups; iteration `i` issues tile `i + 1` into the other stage, commits (also when
+//!   empty), waits for one pending group, `bar.sync`s, computes on stage `i & 1`, and `bar.sync`s
+//!   again before that stage is refilled.
+//! * **Tensor cores:** Q fragments are loaded once (`ldmatrix.x4`, `d/16` × 4 registers per
+//!   thread). `S = Q·Kᵀ` takes `d/16 × 4` `ldmatrix.x4` (K rows are the "col" B operand) and
+//!   `d/16 × 8` `mma.sync.m16n8k16` per warp and tile; `O += P·V` takes `4 × d/16`
+//!   `ldmatrix.x4.trans` and `4 × d/8` mma. **P stays in registers**: the f32 accumulators of two
+//!   adjacent n8 tiles, packed to bf16x2, are exactly an A fragment.
+//! * **Online softmax in f32** on the raw scores with `scale·log2(e)` folded into one
+//!   `fma` before `ex2.approx` (`p = 2^(s·c − m·c)`); the row max is reduced over the mma quad with
+//!   two `shfl.bfly`; the row sum stays per thread until the end (the rescale factors are
+//!   quad-uniform), and O is divided by it once.
+//! * **Masking only where needed:** a tile takes the masked path (per-element causal and window
+//!   compare, `-inf` scores, a guard for rows with no visible key yet) only if it straddles the
+//!   diagonal of the block's first query or the window edge of its last query; interior tiles run
+//!   unmasked. The branch is block-uniform.
+//! * **Cache write, fused.** The new tokens' K and V rows are written to the caches in the same
+//!   pass, with the semantics of [`kv_write`] with `lens`: only the `lens[b]` valid tokens (padding
+//!   never overwrites a ring slot) and of those only the last `C` (every slot is written once, the later
+//!   token wins), token `t` to slot `(start[b] + t) mod C`. Token `t` belongs to the tile holding its
+//!   first head row `t·G` (so with GQA one of the `G` heads' blocks writes it, and with `64 mod G ≠ 0`
+//!   a token split between two tiles is written once). The owning block's key loop always passes the
+//!   token's key (`lo ≤ start + t ≤ hi`): once that K/V tile is in shared memory (after the
+//!   barrier that publishes it), the block copies the rows of its own written tokens from the K and V
+//!   stages to both caches, one 16-byte chunk per thread and step (`ld.shared.v4` → `st.global.v4`,
+//!   aligned since `d` is a multiple of 16), before the tile's math. The hot loop gains one
+//!   block-uniform range test per tile; the copies run on at most two tiles. The new keys are always
+//!   read from `k`/`v`, never from the caches.
+//! * **Ring-buffer clashes → serial mode.** A written slot `(start + t) mod C` holds the cached
+//!   position `start − C + (t mod C)`; some query of the launch still reads it iff it is one of the
+//!   `n_p = start − first_visible(start)` visible cached positions. The written tokens reach such a
+//!   slot iff `n_p > 0` and `lens[b] + n_p > C` (a sliding-window ring of about the window's size, or a
+//!   cache too small for prefix and prompt). Blocks of other tiles read those positions, and blocks of
+//!   one launch are not ordered, so for such a sequence (a run-time test, the same in all its blocks)
+//!   tile 0's block runs all `⌈T·G/64⌉` query tiles in order and, after the last one, copies the
+//!   written rows from `k`/`v` to the caches (`ld.global.nc.v4` → `st.global.v4`); the other blocks
+//!   exit (the tiles run in one `for` over `ctaid.x .. end`, one iteration in parallel mode). A
+//!   sequence with a single tile needs no serial mode: the key loop reads every cached slot before it
+//!   reaches the new keys whose writes overwrite them. Serial mode costs that sequence's parallelism
+//!   across query tiles (chunked prefill of a long sliding-window prompt into a ring of the window's
+//!   size); otherwise the caches are never read at a written slot, and no block reads what another
+//!   writes.
 //!
 //! **Assumptions (checked at generation):** `d` a multiple of 16 and at most 128 (tensor cores; 32,
 //! 64 and 128 are the tested widths — other widths such as 80 or 96 run without the swizzle; `d > 128`
@@ -98,8 +119,7 @@
 //!
 //! # Parameters (in order; `ArgRule::Buffer` placeholders name the operands' buffers)
 //!
-//! * prefill attention: `q, k, v, kcache, vcache, start, o, tokens (T), capacity (C)`;
-//! * prefill kv write: `kcache, k, vcache, v, start, lens, tokens, capacity`;
+//! * prefill: `q, k, v, kcache, vcache, start, lens, o, tokens (T), capacity (C)`;
 //! * decode partials: `q, kcache, vcache, start, part_o, part_lse, batch (B), capacity`;
 //! * decode combine: `part_o, part_lse, start, o, batch`;
 //! * kv write: `cache, new, start, tokens, capacity`.
@@ -110,7 +130,8 @@
 //!   query sees (`≈ 2·d·Hq·B·T²` causal without a prefix). Tensor-core FLOPs executed:
 //!   `4·d·64·64` per (block, key tile).
 //! * Prefill bytes: minimum `2·B·T·Hq·d` (q, o) `+ 2·2·B·T·Hkv·d` (k, v) `+ 2·2·B·Hkv·d·n_prefix`
-//!   (cached keys read) `+ 2·2·2·B·Hkv·d·lens` (kv write: read and write) bytes of bf16; K/V tiles of
+//!   (cached keys read) `+ 2·2·B·Hkv·d·min(lens, C)` (the fused cache write: stored only, the rows
+//!   come from shared memory; serial mode reads them again) bytes of bf16; K/V tiles of
 //!   the same kv head are re-read by each query tile (from L2).
 //! * Decode: `4·d·Hq·n` FLOPs per sequence; bytes moved `2·2·Hkv·d·n` (K, V) `+ 2·Hq·d` (q)
 //!   `+ 2·4·Hq·nsplit·(d + 1)` (partials written and read) `+ 2·Hq·d` (o) per sequence; the minimum
@@ -226,7 +247,8 @@ pub struct KvWriteSpec {
     /// `(cache, new)` buffers, written in order.
     pub pairs: Vec<(BufferId, BufferId)>,
     pub start: BufferId,
-    /// Write only the first `lens[b]` tokens (prefill); `None` writes all `T` (the `kv_write` op).
+    /// Write only the first `lens[b]` tokens (the rule the prefill's fused write follows); `None` writes
+    /// all `T` (the `kv_write` op).
     pub lens: Option<BufferId>,
 }
 
@@ -347,7 +369,7 @@ pub fn prefill_shared_bytes(head_dim: u32) -> u32 {
     BR * head_dim * 2 + 4 * BC * head_dim * 2
 }
 
-/// `attention_prefill`: the attention kernel and the cache-write kernel, in launch order.
+/// `attention_prefill`: one kernel, the attention with the cache write fused (see the module docs).
 pub fn attention_prefill(spec: &PrefillSpec) -> Result<Vec<Generated>, CodegenError> {
     let name = spec.name.as_str();
     let g = check_heads(name, spec.q_heads, spec.kv_heads)?;
@@ -377,23 +399,14 @@ pub fn attention_prefill(spec: &PrefillSpec) -> Result<Vec<Generated>, CodegenEr
                 ArgRule::Buffer(o.kcache),
                 ArgRule::Buffer(o.vcache),
                 ArgRule::Buffer(o.start),
+                ArgRule::Buffer(o.lens),
                 ArgRule::Buffer(o.o),
                 ArgRule::Size(spec.tokens.clone()),
                 ArgRule::Size(spec.capacity.clone()),
             ],
         },
     };
-    let write = kv_write(&KvWriteSpec {
-        name: format!("{name}_kv_write"),
-        kv_heads: spec.kv_heads,
-        head_dim: d,
-        tokens: spec.tokens.clone(),
-        capacity: spec.capacity.clone(),
-        pairs: vec![(o.kcache, o.k), (o.vcache, o.v)],
-        start: o.start,
-        lens: Some(o.lens),
-    })?;
-    Ok(vec![attention, write])
+    Ok(vec![attention])
 }
 
 fn prefill_kernel(spec: &PrefillSpec, g: u32) -> Kernel {
@@ -424,7 +437,11 @@ fn prefill_kernel(spec: &PrefillSpec, g: u32) -> Kernel {
         prefill_shared_bytes(d)
     ));
     b.doc("causal tiles above the diagonal and window tiles left of the window are skipped; masks only on edge tiles");
-    b.doc("params: q, k, v, kcache, vcache, start, o, tokens, capacity; the caches are written by <name>_kv_write");
+    b.doc(
+        "cache write fused: the tile owning a token (its first head row) stores its K/V rows from shared memory; \
+         serial mode (block 0 runs every tile, then writes) when a written ring slot holds a visible cached key",
+    );
+    b.doc("params: q, k, v, kcache, vcache, start, lens, o, tokens, capacity");
     b.block_size(THREADS, 1, 1);
 
     let q = b.param_ptr("q");
@@ -433,6 +450,7 @@ fn prefill_kernel(spec: &PrefillSpec, g: u32) -> Kernel {
     let kc = b.param_ptr("kcache");
     let vc = b.param_ptr("vcache");
     let start_p = b.param_ptr("start");
+    let lens_p = b.param_ptr("lens");
     let o = b.param_ptr("o");
     let tn = b.param(ParamTy::U32, "tokens");
     let cap = b.param(ParamTy::U32, "capacity");
@@ -441,18 +459,48 @@ fn prefill_kernel(spec: &PrefillSpec, g: u32) -> Kernel {
     let tid = b.special(Special::TidX);
     let warp = b.special(Special::WarpInBlock);
     let lane = b.special(Special::LaneId);
-    let tile = b.special(Special::CtaidX);
+    let tile0 = b.special(Special::CtaidX);
     let by = b.special(Special::CtaidY);
     let bi = u_bin(&mut b, BinOp::Div, r(by), imm(hkv));
     let hk = u_bin(&mut b, BinOp::Rem, r(by), imm(hkv));
     let rows = u_bin(&mut b, BinOp::Mul, r(tn), imm(g));
-    let m0 = u_bin(&mut b, BinOp::Mul, r(tile), imm(BR));
-    let live = b.setp(Cmp::Lt, Ty::U32, r(m0), r(rows));
+    let sa = b.index(start_p, bi, 4);
+    let s = b.ld(Space::Global, Ty::S32, Cache::ReadOnly, r(sa), 0);
+    let la = b.index(lens_p, bi, 4);
+    let count = b.ld(Space::Global, Ty::S32, Cache::ReadOnly, r(la), 0);
 
-    b.if_uniform(live, |b| {
+    b.comment(
+        "cache write: tokens max(0, lens - C) .. lens; serial mode when a written slot holds a visible cached key",
+    );
+    // Written tokens: the valid ones, and of those only the last C (a later token owns the slot).
+    let w_first = s_bin(&mut b, BinOp::Sub, r(count), r(cap));
+    let w_first = s_bin(&mut b, BinOp::Max, r(w_first), simm(0));
+    // Visible cached positions n_p = s - first_visible(s): slot (s + t) mod C holds cached position
+    // s - C + (t mod C), visible to some query iff t mod C >= C - n_p; the written tokens reach such a
+    // residue iff n_p > 0 and lens + n_p > C.
+    let n_p = match window {
+        Some(w) => s_bin(&mut b, BinOp::Min, r(s), simm(w - 1)),
+        None => s,
+    };
+    let has_prefix = b.setp(Cmp::Gt, Ty::S32, r(n_p), simm(0));
+    let reach = s_bin(&mut b, BinOp::Add, r(count), r(n_p));
+    let wraps = b.setp(Cmp::Gt, Ty::S32, r(reach), r(cap));
+    let clash = b.bin(BinOp::And, Ty::Pred, r(has_prefix), r(wraps));
+    let rows_p = b.add(Ty::U32, r(rows), imm(BR - 1));
+    let ntl = u_bin(&mut b, BinOp::Div, r(rows_p), imm(BR));
+    let several = b.setp(Cmp::Gt, Ty::U32, r(ntl), imm(1));
+    let serial = b.bin(BinOp::And, Ty::Pred, r(clash), r(several));
+    // Parallel: this block's tile (none past the last). Serial: block 0 runs every tile in order and
+    // writes the cache after the last one; the other blocks exit.
+    let one_end = b.add(Ty::U32, r(tile0), imm(1));
+    let one_end = u_bin(&mut b, BinOp::Min, r(one_end), r(ntl));
+    let first_block = b.setp(Cmp::Eq, Ty::U32, r(tile0), imm(0));
+    let all_end = b.selp(Ty::U32, r(ntl), imm(0), first_block);
+    let tile_end = b.selp(Ty::U32, r(all_end), r(one_end), serial);
+
+    b.for_uniform(Ty::U32, r(tile0), r(tile_end), imm(1), |b, tile| {
+        let m0 = u_bin(b, BinOp::Mul, r(tile), imm(BR));
         b.comment("the block's key range: causal (hi) and window (lo) tile skipping");
-        let sa = b.index(start_p, bi, 4);
-        let s = b.ld(Space::Global, Ty::S32, Cache::ReadOnly, r(sa), 0);
         let t_lo = u_bin(b, BinOp::Div, r(m0), imm(g));
         let last = b.add(Ty::U32, r(m0), imm(BR - 1));
         let rows_m1 = b.add(Ty::U32, r(rows), simm(-1));
@@ -470,6 +518,17 @@ fn prefill_kernel(spec: &PrefillSpec, g: u32) -> Kernel {
         let span = s_bin(b, BinOp::Sub, r(hi), r(lo));
         let span = s_bin(b, BinOp::Add, r(span), simm(i64::from(BC)));
         let ntiles = s_bin(b, BinOp::Div, r(span), simm(i64::from(BC)));
+        // The new keys this block writes to the caches: positions s + t of the tokens whose first
+        // head row lies in the tile (t·G ∈ [m0, m0 + BR)), of the written ones; none in serial mode.
+        let own_lo = b.add(Ty::U32, r(m0), imm(g - 1));
+        let own_lo = u_bin(b, BinOp::Div, r(own_lo), imm(g));
+        let own_end = b.add(Ty::U32, r(m0), imm(BR + g - 1));
+        let own_end = u_bin(b, BinOp::Div, r(own_end), imm(g));
+        let wlo = s_bin(b, BinOp::Max, r(own_lo), r(w_first));
+        let wend = s_bin(b, BinOp::Min, r(own_end), r(count));
+        let p_lo = s_bin(b, BinOp::Add, r(s), r(wlo));
+        let p_end = s_bin(b, BinOp::Add, r(s), r(wend));
+        let p_end = b.selp(Ty::S32, simm(-1), r(p_end), serial);
 
         let base = b.shared_addr(smem);
         let q_s = base;
@@ -633,6 +692,44 @@ fn prefill_kernel(spec: &PrefillSpec, g: u32) -> Kernel {
             let kst = b.add(Ty::U32, r(k_s), r(soff));
             let vst = b.add(Ty::U32, r(v_s), r(soff));
 
+            // Fused cache write: the block's own new keys in this tile (rows r_lo .. r_end) go from
+            // shared memory to the caches, one 16-byte chunk per thread and step.
+            let j_end = b.add(Ty::S32, r(j0), imm(BC));
+            let before_end = b.setp(Cmp::Lt, Ty::S32, r(j0), r(p_end));
+            let after_lo = b.setp(Cmp::Gt, Ty::S32, r(j_end), r(p_lo));
+            let writes = b.bin(BinOp::And, Ty::Pred, r(before_end), r(after_lo));
+            b.if_uniform(writes, |b| {
+                b.comment("cache write: the block's new keys of this tile, shared -> kcache / vcache");
+                let r_lo = s_bin(b, BinOp::Sub, r(p_lo), r(j0));
+                let r_lo = s_bin(b, BinOp::Max, r(r_lo), simm(0));
+                let r_end = s_bin(b, BinOp::Sub, r(p_end), r(j0));
+                let r_end = s_bin(b, BinOp::Min, r(r_end), simm(i64::from(BC)));
+                let nr = s_bin(b, BinOp::Sub, r(r_end), r(r_lo));
+                let n = s_bin(b, BinOp::Mul, r(nr), simm(i64::from(cpr)));
+                b.for_(Ty::S32, r(tid), r(n), simm(i64::from(THREADS)), |b, idx| {
+                    let rr = u_bin(b, BinOp::Div, r(idx), imm(cpr));
+                    let row = b.add(Ty::U32, r(r_lo), r(rr));
+                    let c = u_bin(b, BinOp::Rem, r(idx), imm(cpr));
+                    let key = swz.key(b, row);
+                    let pcx = u_bin(b, BinOp::Xor, r(c), r(key));
+                    let doff = u_mad(b, r(row), imm(row_bytes), r(soff));
+                    let doff = u_mad(b, r(pcx), imm(16), r(doff));
+                    let pos = b.add(Ty::U32, r(j0), r(row));
+                    let slot = u_bin(b, BinOp::Rem, r(pos), r(cap));
+                    let x = u_mad(b, r(bi), r(cap), r(slot));
+                    let x = u_mad(b, r(x), imm(hkv), r(hk));
+                    let c8 = u_bin(b, BinOp::Mul, r(c), imm(8));
+                    let ci = u_mad(b, r(x), imm(d), r(c8));
+                    let off = b.bin(BinOp::MulWide, Ty::U32, r(ci), imm(2));
+                    for (sbase, cache) in [(k_s, kc), (v_s, vc)] {
+                        let sa = b.add(Ty::U32, r(sbase), r(doff));
+                        let x = b.ld_vec(Space::Shared, Ty::B32, Cache::None, r(sa), 0, 4);
+                        let dst = b.add(Ty::U64, r(cache), r(off));
+                        b.st_vec(Space::Global, Ty::B32, r(dst), 0, x.into_iter().map(Operand::Reg).collect());
+                    }
+                });
+            });
+
             // Masked path: the tile reaches past the first query's diagonal or left of the last
             // query's window.
             let jend = b.add(Ty::S32, r(j0), imm(BC - 1));
@@ -772,6 +869,34 @@ fn prefill_kernel(spec: &PrefillSpec, g: u32) -> Kernel {
                 }
             });
         }
+    });
+
+    // Serial mode: every read of the caches is behind the last tile's barrier; now write them.
+    let tail = b.bin(BinOp::And, Ty::Pred, r(serial), r(first_block));
+    b.if_uniform(tail, |b| {
+        b.comment("serial mode: cache write after every tile (global k, v -> kcache, vcache)");
+        let nrows = s_bin(b, BinOp::Sub, r(count), r(w_first));
+        let n = u_bin(b, BinOp::Mul, r(nrows), imm(cpr));
+        b.for_(Ty::U32, r(tid), r(n), imm(THREADS), |b, idx| {
+            let tr = u_bin(b, BinOp::Div, r(idx), imm(cpr));
+            let t = b.add(Ty::U32, r(w_first), r(tr));
+            let c = u_bin(b, BinOp::Rem, r(idx), imm(cpr));
+            let c8 = u_bin(b, BinOp::Mul, r(c), imm(8));
+            let pos = b.add(Ty::U32, r(s), r(t));
+            let slot = u_bin(b, BinOp::Rem, r(pos), r(cap));
+            let x = u_mad(b, r(bi), r(cap), r(slot));
+            let x = u_mad(b, r(x), imm(hkv), r(hk));
+            let ci = u_mad(b, r(x), imm(d), r(c8));
+            let x = u_mad(b, r(bi), r(tn), r(t));
+            let x = u_mad(b, r(x), imm(hkv), r(hk));
+            let ni = u_mad(b, r(x), imm(d), r(c8));
+            for (cache, new) in [(kc, k), (vc, v)] {
+                let src = b.index(new, ni, 2);
+                let dst = b.index(cache, ci, 2);
+                let x = b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, r(src), 0, 4);
+                b.st_vec(Space::Global, Ty::B32, r(dst), 0, x.into_iter().map(Operand::Reg).collect());
+            }
+        });
     });
     b.finish()
 }
@@ -1398,8 +1523,9 @@ pub fn prefill_cost(spec: &PrefillSpec, tokens: u64, start: &[u64], lens: &[u64]
         let prefix = (0..s).filter(|&j| j + spec.window.unwrap_or(u64::MAX) > s).count() as u64;
         let lens_b = lens.get(bi).copied().unwrap_or(tokens);
         let written = lens_b.min(spec.capacity.as_const().map_or(u64::MAX, |x| x as u64));
+        // The cache write stores the new rows once (they are read once, as keys).
         c.min_bytes += (2 * 2 * tokens * hq * d + 2 * 2 * tokens * hkv * d + 2 * 2 * prefix * hkv * d) as f64
-            + (2 * 2 * 2 * written * hkv * d) as f64;
+            + (2 * 2 * written * hkv * d) as f64;
         // Executed: per (tile, kv head) block the key tiles it streams.
         let tiles = (tokens * g).div_ceil(u64::from(BR));
         let mut kv_tiles = 0;
@@ -1413,7 +1539,7 @@ pub fn prefill_cost(spec: &PrefillSpec, tokens: u64, start: &[u64], lens: &[u64]
         c.executed_flops += (kv_tiles * hkv * 4 * u64::from(BR * BC) * d) as f64;
         c.bytes += (kv_tiles * hkv * 2 * u64::from(BC) * d * 2) as f64
             + (2 * 2 * tokens * hq * d) as f64
-            + (2 * 2 * 2 * written * hkv * d) as f64;
+            + (2 * 2 * written * hkv * d) as f64;
     }
     c
 }

@@ -26,7 +26,7 @@
 //! - `rmsnorm`, `l2norm`, `gated_rmsnorm` → `norm::for_op`; fused `add_rmsnorm` → `norm::for_add_rmsnorm`;
 //! - elementwise ops and fused elementwise bodies → `elementwise::fused_elementwise`;
 //! - `conv1d` / `conv1d_update` and fused `conv_silu` → `conv::conv1d` / `conv::conv1d_update`;
-//! - `attention_prefill` → `attention::attention_prefill` (attention, then the cache write); the
+//! - `attention_prefill` → `attention::attention_prefill` (one kernel: the cache write is fused); the
 //!   decode `attention_step` body (`kv_write`s + `attention_decode`) → `attention::kv_write`, then
 //!   `attention::attention_decode` (partials and combine; scratch `part_o`, `part_lse`);
 //! - the decode `mamba2_step` body → `ssd::mamba2_step` (one kernel);
