@@ -70,9 +70,9 @@ pub struct Cuda {
     stream: sys::CUstream,
     modules: Mutex<BTreeMap<String, Module>>,
     /// Weights on the device, uploaded once and shared by every program instance: keyed by the
-    /// host data's address and the stored size (the host data is kept alive with its entry, so
-    /// the address stays unique).
-    weights: Mutex<BTreeMap<(usize, usize), SharedWeight>>,
+    /// host data's address, the stored size and the element size (the host data is kept alive with
+    /// its entry, so the address stays unique).
+    weights: Mutex<BTreeMap<(usize, usize, u64), SharedWeight>>,
     /// Where failed PTX is written for reproduction.
     dump_dir: PathBuf,
 }
@@ -165,7 +165,7 @@ impl Cuda {
             let path = self.dump_dir.join(format!("flashc-{kernel}.ptx"));
             let _ = std::fs::write(&path, ptx);
             return Err(RuntimeError::Device(format!(
-                "the driver rejected the PTX of kernel `{kernel}` ({r:?}):\n{log}\nthe PTX is in {}; reproduce with:\n  ptxas -arch=sm_80 -v {}",
+                "the driver rejected the PTX of kernel `{kernel}` ({r:?}):\n{log}\nthe PTX is in {}; reproduce with:\n  ptxas -arch=sm_90 -v {}   (sm_80 for an A100)",
                 path.display(),
                 path.display()
             )));
@@ -181,6 +181,53 @@ impl Cuda {
         }
         cache.insert(key, Module { handle: module, function });
         Ok(function)
+    }
+
+    /// The kernels of `group` before its first kernel launches: checks the row limit of the
+    /// generated kernels and clears zeroed storage whose lifetime starts here.
+    fn begin_group(
+        &self,
+        program: &Program,
+        group: &KernelGroup,
+        mem: &mut CudaMemory,
+    ) -> Result<Arc<Dispatched>, RuntimeError> {
+        let d = mem.kernels(program, group)?;
+        crate::device::check_rows(group, &d, &mem.at)?;
+        for (_, off, bytes) in crate::device::zeroed_at(program, group, &mem.at)? {
+            self.bind()?;
+            // SAFETY: the range lies in the arena (the program's plan); ordered on the stream.
+            check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(mem.arena.ptr + off, 0, bytes, self.stream) })?;
+        }
+        Ok(d)
+    }
+
+    /// Ends a capture; with `keep`, instantiates the graph and runs it once.
+    fn finish_recording(
+        &self,
+        mem: &mut CudaMemory,
+        keep: Option<(&[u64], &Bindings, usize)>,
+    ) -> Result<(), RuntimeError> {
+        self.bind()?;
+        let mut graph = std::ptr::null_mut();
+        // SAFETY: ends the capture begun on this stream; the graph is destroyed below.
+        check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(self.stream, &mut graph) })?;
+        let Some((bases, at, launches)) = keep else {
+            // SAFETY: the captured graph, not instantiated.
+            unsafe { sys::cuGraphDestroy(graph) };
+            return Ok(());
+        };
+        let mut exec = std::ptr::null_mut();
+        // SAFETY: a graph captured above; the template is not needed after instantiation.
+        let r = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) };
+        // SAFETY: as above.
+        unsafe { sys::cuGraphDestroy(graph) };
+        check("cuGraphInstantiate", r)?;
+        let g = Graph { exec, bases: bases.to_vec(), at: *at, launches };
+        // The captured launches did not run: run the step now.
+        // SAFETY: instantiated above, on the device's stream.
+        check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(g.exec, self.stream) })?;
+        mem.graph = Some(g);
+        Ok(())
     }
 
     /// Waits for every launch issued to the device's stream.
@@ -217,7 +264,9 @@ impl Cuda {
         let text = ptx::write_string(kernel, &ptx::Options::default())
             .map_err(|e| RuntimeError::Compile(format!("{}: {e}", kernel.name)))?;
         let f = self.function(&kernel.name, &text)?;
-        if shared > 48 * 1024 {
+        // Past 48 KB of static plus dynamic shared memory, the dynamic part must be allowed
+        // explicitly.
+        if u64::from(kernel.static_shared_bytes()) + u64::from(shared) > 48 * 1024 {
             // SAFETY: a function of a loaded module; the attribute takes a byte count.
             check("cuFuncSetAttribute", unsafe {
                 sys::cuFuncSetAttribute(
@@ -399,6 +448,8 @@ impl Cuda {
 
 impl Drop for Cuda {
     fn drop(&mut self) {
+        // Module unloading acts on the current context: make it ours.
+        let _ = self.bind();
         // SAFETY: the stream was created in `new` and is destroyed once, after its work.
         unsafe {
             sys::cuStreamSynchronize(self.stream);
@@ -485,6 +536,8 @@ pub struct CudaMemory {
     generated: BTreeMap<KernelId, Arc<Dispatched>>,
     /// Decode steps run on this memory so far (the second is recorded).
     steps: u64,
+    /// Recording failed once on this memory: decode steps run without a graph.
+    no_graphs: bool,
     /// The recorded decode step: its graph, base pointers, sizes and launch count.
     graph: Option<Graph>,
 }
@@ -526,7 +579,9 @@ impl CudaMemory {
         let root = program.buffer(b.root()).unwrap_or(b);
         if root.kind.in_arena() {
             let off = root.offset.as_ref().map_or(0, |o| o.eval(&self.at));
-            return Ok(self.arena.ptr + off.max(0) as u64);
+            let off =
+                u64::try_from(off).map_err(|_| RuntimeError::Input(format!("{} has a negative offset", root.id)))?;
+            return Ok(self.arena.ptr + off);
         }
         self.buffers.get(&root.id).map(|d| d.ptr).ok_or_else(|| RuntimeError::Input(format!("{buffer} has no storage")))
     }
@@ -573,7 +628,11 @@ impl Device for Cuda {
 
     fn allocate(&self, program: &Program, at: &Bindings) -> Result<CudaMemory, RuntimeError> {
         self.bind()?;
-        let arena = alloc(usize::try_from(program.arena_bytes(at)).unwrap_or(0))?;
+        let arena_bytes = program.arena_bytes(at);
+        let arena = alloc(
+            usize::try_from(arena_bytes)
+                .map_err(|_| RuntimeError::Input(format!("the activation arena would be {arena_bytes} bytes")))?,
+        )?;
         let mut buffers = BTreeMap::new();
         let mut roots = BTreeMap::new();
         for b in program.buffers.iter().filter(|b| b.alias.is_none() && !b.kind.in_arena()) {
@@ -594,6 +653,7 @@ impl Device for Cuda {
             group_scratch: BTreeMap::new(),
             generated: BTreeMap::new(),
             steps: 0,
+            no_graphs: false,
             graph: None,
         })
     }
@@ -604,7 +664,7 @@ impl Device for Cuda {
         if dtype.size() as usize * data.len() != bytes {
             return Err(RuntimeError::Input(format!("{buffer} holds {bytes} bytes, {} values given", data.len())));
         }
-        let key = (Arc::as_ptr(&data) as usize, bytes);
+        let key = (Arc::as_ptr(&data) as usize, bytes, dtype.size());
         let mut cache = self.weights.lock().map_err(|_| RuntimeError::Device("weight cache poisoned".into()))?;
         let dev = match cache.get(&key) {
             Some((_, d)) => d.clone(),
@@ -642,7 +702,8 @@ impl Device for Cuda {
         let n: usize = buf.ty.shape.iter().map(|d| d.eval(&mem.at).max(0) as usize).product();
         let elem = buf.ty.dtype.size() as usize;
         let (ptr, bytes) = if rb.kind.in_arena() {
-            let off = rb.offset.as_ref().map_or(0, |o| o.eval(&mem.at)) as u64;
+            let off = rb.offset.as_ref().map_or(0, |o| o.eval(&mem.at));
+            let off = u64::try_from(off).map_err(|_| RuntimeError::Input(format!("{root} has a negative offset")))?;
             (mem.arena.ptr + off, n * elem)
         } else {
             let d = mem.buffers.get(&root).ok_or_else(|| RuntimeError::Input(format!("{buffer} has no storage")))?;
@@ -657,7 +718,7 @@ impl Device for Cuda {
     }
 
     fn run(&self, program: &Program, group: &KernelGroup, mem: &mut CudaMemory) -> Result<(), RuntimeError> {
-        let d = mem.kernels(program, group)?;
+        let d = self.begin_group(program, group, mem)?;
         let at = mem.at;
         for g in &d.kernels {
             let grid = g.launch.grid_at(&at);
@@ -726,11 +787,11 @@ impl Device for Cuda {
         launch: &flashc_codegen::host::Launched<'_>,
     ) -> Result<(), RuntimeError> {
         let group = crate::device::group(program, launch.kernel)?;
-        let d = mem.kernels(program, group)?;
-        let g = d.kernels.get(launch.part as usize).ok_or_else(|| {
+        let d = if launch.part == 0 { self.begin_group(program, group, mem)? } else { mem.kernels(program, group)? };
+        let g = d.kernels.get(launch.part as usize).filter(|g| g.launch.block == launch.block).ok_or_else(|| {
             RuntimeError::Compile(format!(
-                "{} has no kernel {} (the schedule and the dispatcher disagree)",
-                group.id, launch.part
+                "{}: the schedule's launch {} (block {:?}) is not one of the dispatcher's kernels",
+                group.id, launch.part, launch.block
             ))
         })?;
         self.launch_kernel(g, launch.grid, launch.shared, launch.args)
@@ -739,7 +800,7 @@ impl Device for Cuda {
     fn replay(&self, mem: &mut CudaMemory, bases: &[u64], at: &Bindings) -> Result<Option<usize>, RuntimeError> {
         mem.steps += 1;
         let Some(g) = &mem.graph else { return Ok(None) };
-        if g.bases != bases || g.at != *at {
+        if g.bases != bases || g.at != *at || std::env::var_os("FLASHC_NO_CUDA_GRAPHS").is_some() {
             mem.graph = None;
             return Ok(None);
         }
@@ -750,7 +811,7 @@ impl Device for Cuda {
     }
 
     fn wants_recording(&self, mem: &CudaMemory) -> bool {
-        mem.steps >= 2 && std::env::var_os("FLASHC_NO_CUDA_GRAPHS").is_none()
+        mem.steps >= 2 && !mem.no_graphs && std::env::var_os("FLASHC_NO_CUDA_GRAPHS").is_none()
     }
 
     fn begin_recording(&self, _mem: &mut CudaMemory) -> Result<(), RuntimeError> {
@@ -766,26 +827,14 @@ impl Device for Cuda {
         mem: &mut CudaMemory,
         keep: Option<(&[u64], &Bindings, usize)>,
     ) -> Result<(), RuntimeError> {
-        self.bind()?;
-        let mut graph = std::ptr::null_mut();
-        // SAFETY: ends the capture begun on this stream; the graph is destroyed below.
-        check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(self.stream, &mut graph) })?;
-        let Some((bases, at, launches)) = keep else {
-            // SAFETY: the captured graph, not instantiated.
-            unsafe { sys::cuGraphDestroy(graph) };
-            return Ok(());
-        };
-        let mut exec = std::ptr::null_mut();
-        // SAFETY: a graph captured above; the template is not needed after instantiation.
-        let r = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) };
-        unsafe { sys::cuGraphDestroy(graph) };
-        check("cuGraphInstantiate", r)?;
-        let g = Graph { exec, bases: bases.to_vec(), at: *at, launches };
-        // The captured launches did not run: run the step now.
-        // SAFETY: instantiated above, on the device's stream.
-        check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(g.exec, self.stream) })?;
-        mem.graph = Some(g);
-        Ok(())
+        // Any failure here turns recording off for this memory: the host schedule then runs the
+        // step without it.
+        let r = self.finish_recording(mem, keep);
+        if r.is_err() {
+            mem.no_graphs = true;
+            mem.graph = None;
+        }
+        r
     }
 
     fn rules(

@@ -141,7 +141,9 @@ pub trait Device {
     }
 
     /// Ends a recording. With `keep`, the recording (of `launches` launches, for these base
-    /// pointers and sizes) is kept and run once; otherwise it is discarded.
+    /// pointers and sizes) is kept and run once; otherwise it is discarded. After a failure,
+    /// `wants_recording` must say `false` for this memory (the schedule then reruns the step
+    /// without recording).
     fn end_recording(
         &self,
         _mem: &mut Self::Memory,
@@ -202,4 +204,46 @@ pub(crate) fn generated_rules(program: &Program) -> BTreeMap<KernelId, GroupRule
         .into_iter()
         .filter_map(|(k, d)| d.ok().map(|d| (k.id, GroupRules::from(&d))))
         .collect()
+}
+
+/// Refuses a group whose generated kernels compute fewer rows than the group has at `at`
+/// (`Dispatched::max_rows`: the decode GEMV's batch limit): they would silently skip rows.
+pub(crate) fn check_rows(
+    group: &KernelGroup,
+    d: &flashc_codegen::kernels::dispatch::Dispatched,
+    at: &Bindings,
+) -> Result<(), RuntimeError> {
+    let Some(max) = d.max_rows else { return Ok(()) };
+    let rows = match &group.launch {
+        flashc_compiler::schedule::Launch::Matmul { batch, m, .. } => batch.mul(m).eval(at),
+        _ => at.b * at.t,
+    };
+    if rows > i64::from(max) {
+        return Err(RuntimeError::Input(format!(
+            "{} ({}): {rows} rows, and its kernels compute at most {max}",
+            group.id, group.name
+        )));
+    }
+    Ok(())
+}
+
+/// The zeroed arena storage whose lifetime starts at `group`: (root buffer, byte offset, bytes) at
+/// `at`. The device clears it before the group's first kernel.
+pub(crate) fn zeroed_at(
+    program: &Program,
+    group: &KernelGroup,
+    at: &Bindings,
+) -> Result<Vec<(BufferId, u64, usize)>, RuntimeError> {
+    let mut out = Vec::new();
+    for b in program.buffers.iter().filter(|b| b.zeroed && b.alias.is_none() && b.kind.in_arena()) {
+        if b.live.is_some_and(|(first, _)| first == group.id) {
+            let off = b.offset.as_ref().map_or(0, |o| o.eval(at));
+            let off = u64::try_from(off).map_err(|_| RuntimeError::Input(format!("{} has a negative offset", b.id)))?;
+            let bytes = b.bytes.eval(at);
+            let bytes =
+                usize::try_from(bytes).map_err(|_| RuntimeError::Input(format!("{} has {bytes} bytes", b.id)))?;
+            out.push((b.id, off, bytes));
+        }
+    }
+    Ok(out)
 }

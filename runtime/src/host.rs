@@ -64,14 +64,31 @@ impl Scheduled {
         }
         let mut launches = 0;
         let dims = Dims::new(at.b, at.t, at.s);
-        let r = self.native.run(phase, &dims, &bases, &mut |l| {
-            launches += 1;
-            device.launch(program, mem, l)
-        });
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.native.run(phase, &dims, &bases, &mut |l| {
+                launches += 1;
+                device.launch(program, mem, l)
+            })
+        }));
         if record {
-            let keep = r.is_ok().then_some((bases.as_slice(), at, launches));
-            device.end_recording(mem, keep)?;
+            match &r {
+                Ok(Ok(())) => {
+                    if device.end_recording(mem, Some((&bases, at, launches))).is_err() {
+                        // The recording failed (and is off for this memory from now on): the
+                        // step did not run, so run it without one.
+                        return self.run(device, program, mem, at, phase);
+                    }
+                }
+                // A failed or panicking step: close the capture, keep the step's own error.
+                _ => {
+                    let _ = device.end_recording(mem, None);
+                }
+            }
         }
+        let r = match r {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         match r {
             Ok(()) => Ok(launches),
             Err(RunError::Launch { error, .. }) => Err(error),

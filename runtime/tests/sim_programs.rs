@@ -112,3 +112,203 @@ fn a_nemotron_shaped_model_runs_end_to_end_on_the_sim() {
     let prompts = vec![tokens(1, 20, 300), tokens(2, 33, 300)];
     sessions_against_cpu(&Sim, &model, &prompts, 3).report("nemotron-shaped (bf16) on the sim, B = 2");
 }
+
+/// A cpu that records decode steps the way the `cuda` device records CUDA graphs: launches made
+/// while recording are kept, not run; a kept recording runs once when it ends and is replayed on
+/// later steps. It can fail the first recording, as a driver could.
+struct Recorder {
+    fail_first: bool,
+    recording: std::cell::Cell<bool>,
+    failed: std::cell::Cell<bool>,
+    recorded: std::cell::RefCell<Vec<(flashc_compiler::schedule::KernelId, u32)>>,
+    graph: std::cell::RefCell<Option<Vec<(flashc_compiler::schedule::KernelId, u32)>>>,
+    steps: std::cell::Cell<u32>,
+    log: std::cell::RefCell<Vec<&'static str>>,
+    /// The program recorded launches belong to (a recording, like a CUDA graph, carries its work).
+    program: std::cell::RefCell<Option<Program>>,
+}
+
+impl Recorder {
+    fn new(fail_first: bool) -> Recorder {
+        Recorder {
+            fail_first,
+            recording: Default::default(),
+            failed: Default::default(),
+            recorded: Default::default(),
+            graph: Default::default(),
+            steps: Default::default(),
+            log: Default::default(),
+            program: Default::default(),
+        }
+    }
+
+    fn play(
+        &self,
+        p: &Program,
+        mem: &mut flashc_runtime::cpu::CpuMemory,
+        launches: &[(flashc_compiler::schedule::KernelId, u32)],
+    ) -> Result<(), RuntimeError> {
+        for (kernel, part) in launches {
+            let l = flashc_codegen::host::Launched {
+                kernel: *kernel,
+                part: *part,
+                grid: [1; 3],
+                block: [1; 3],
+                shared: 0,
+                args: &[],
+            };
+            Cpu.launch(p, mem, &l)?;
+        }
+        Ok(())
+    }
+}
+
+impl Device for Recorder {
+    type Memory = flashc_runtime::cpu::CpuMemory;
+
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+
+    fn allocate(&self, p: &Program, at: &Bindings) -> Result<Self::Memory, RuntimeError> {
+        Cpu.allocate(p, at)
+    }
+
+    fn share_weight(
+        &self,
+        mem: &mut Self::Memory,
+        b: flashc_compiler::schedule::BufferId,
+        d: std::sync::Arc<Vec<f32>>,
+    ) -> Result<(), RuntimeError> {
+        Cpu.share_weight(mem, b, d)
+    }
+
+    fn upload(
+        &self,
+        mem: &mut Self::Memory,
+        b: flashc_compiler::schedule::BufferId,
+        d: HostData,
+    ) -> Result<(), RuntimeError> {
+        Cpu.upload(mem, b, d)
+    }
+
+    fn download(
+        &self,
+        p: &Program,
+        mem: &Self::Memory,
+        b: flashc_compiler::schedule::BufferId,
+    ) -> Result<HostData, RuntimeError> {
+        Cpu.download(p, mem, b)
+    }
+
+    fn run(
+        &self,
+        p: &Program,
+        k: &flashc_compiler::schedule::KernelGroup,
+        mem: &mut Self::Memory,
+    ) -> Result<(), RuntimeError> {
+        Cpu.run(p, k, mem)
+    }
+
+    fn synchronize(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    fn bases(
+        &self,
+        p: &Program,
+        plan: &flashc_codegen::host::LaunchPlan,
+        mem: &mut Self::Memory,
+    ) -> Result<Vec<u64>, RuntimeError> {
+        Cpu.bases(p, plan, mem)
+    }
+
+    fn launch(
+        &self,
+        p: &Program,
+        mem: &mut Self::Memory,
+        l: &flashc_codegen::host::Launched<'_>,
+    ) -> Result<(), RuntimeError> {
+        if self.recording.get() {
+            if self.program.borrow().is_none() {
+                *self.program.borrow_mut() = Some(p.clone());
+            }
+            self.recorded.borrow_mut().push((l.kernel, l.part));
+            return Ok(());
+        }
+        Cpu.launch(p, mem, l)
+    }
+
+    fn replay(&self, mem: &mut Self::Memory, _bases: &[u64], _at: &Bindings) -> Result<Option<usize>, RuntimeError> {
+        self.steps.set(self.steps.get() + 1);
+        let graph = self.graph.borrow();
+        let Some(g) = graph.as_ref() else { return Ok(None) };
+        let program = self.program.borrow();
+        self.play(program.as_ref().expect("a recorded program"), mem, g)?;
+        self.log.borrow_mut().push("replayed");
+        Ok(Some(g.len()))
+    }
+
+    fn wants_recording(&self, _mem: &Self::Memory) -> bool {
+        self.steps.get() >= 2 && !self.failed.get() && self.graph.borrow().is_none()
+    }
+
+    fn begin_recording(&self, _mem: &mut Self::Memory) -> Result<(), RuntimeError> {
+        self.log.borrow_mut().push("begin");
+        self.recording.set(true);
+        self.recorded.borrow_mut().clear();
+        Ok(())
+    }
+
+    fn end_recording(
+        &self,
+        mem: &mut Self::Memory,
+        keep: Option<(&[u64], &Bindings, usize)>,
+    ) -> Result<(), RuntimeError> {
+        self.recording.set(false);
+        let launches = std::mem::take(&mut *self.recorded.borrow_mut());
+        if keep.is_some() && self.fail_first && !self.failed.get() {
+            self.failed.set(true);
+            self.log.borrow_mut().push("failed");
+            return Err(RuntimeError::Device("instantiation failed".into()));
+        }
+        if let Some((_, _, n)) = keep {
+            assert_eq!(n, launches.len(), "the schedule counts the recorded launches");
+            self.log.borrow_mut().push("kept");
+            // A kept recording runs once as it ends (its launches did not run while recording).
+            let program = self.program.borrow();
+            self.play(program.as_ref().expect("a recorded program"), mem, &launches)?;
+            *self.graph.borrow_mut() = Some(launches);
+        }
+        Ok(())
+    }
+}
+
+/// Decode steps recorded and replayed (as CUDA graphs are) give the plain cpu's logits, and a
+/// recording that fails is closed and the step rerun without it.
+#[test]
+fn recorded_decode_steps_replay_and_a_failed_recording_reruns_the_step() {
+    let model = bf16_model(&tiny_hybrid_source(), 7);
+    let prompts = vec![tokens(3, 5, 256), tokens(4, 8, 256)];
+    for fail_first in [false, true] {
+        let rec = Recorder::new(fail_first);
+        let mut plain = flashc_runtime::session::Session::new(&Cpu, &model, 2).expect("session");
+        let mut recorded = flashc_runtime::session::Session::new(&rec, &model, 2).expect("session");
+        assert_eq!(plain.prefill(&prompts).expect("prefill"), recorded.prefill(&prompts).expect("prefill"));
+        let mut next = vec![1u32, 2];
+        for step in 0..5 {
+            let want = plain.decode(&next).expect("decode");
+            let got = recorded.decode(&next).expect("decode");
+            assert_eq!(got, want, "fail_first {fail_first}, step {step}");
+            next = vec![(step * 7 + 3) as u32, (step * 5 + 11) as u32];
+        }
+        let log = rec.log.borrow().clone();
+        let want: Vec<&str> = if fail_first {
+            // The second step's recording fails: the step reruns, and recording stays off.
+            vec!["begin", "failed"]
+        } else {
+            vec!["begin", "kept", "replayed", "replayed", "replayed"]
+        };
+        assert_eq!(log, want, "fail_first {fail_first}");
+    }
+}

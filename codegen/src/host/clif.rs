@@ -259,7 +259,9 @@ impl Gen<'_> {
             self.store(part, record, abi::RECORD_PART);
             for (i, g) in grid.iter().enumerate() {
                 let v = match *g {
-                    Val::Const(c) => self.iconst(I32, c),
+                    // A constant out of the u32 range never reaches this store (the range check
+                    // jumps to the error), but the dead store must still be a valid immediate.
+                    Val::Const(c) => self.iconst(I32, i64::from(u32::try_from(c).unwrap_or(0))),
                     Val::Var(v) => self.b.ins().ireduce(I32, v),
                 };
                 self.store(v, record, abi::RECORD_GRID + 4 * i as i32);

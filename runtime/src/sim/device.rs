@@ -23,7 +23,7 @@ use flashc_codegen::kernels::Generated;
 use flashc_codegen::kernels::dispatch::{self, Dispatched};
 use flashc_codegen::kir::ParamTy;
 use flashc_compiler::gir::{Bindings, DType};
-use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, KernelId, Launch as GroupLaunch, Program};
+use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, KernelId, Program};
 
 use super::{Arg, GlobalMemory, Launch, SimError, Stats};
 use crate::device::{Device, HostData, RuntimeError};
@@ -202,18 +202,7 @@ impl SimMemory {
     /// kernels and clears zeroed storage whose lifetime starts here.
     fn begin_group(&mut self, program: &Program, group: &KernelGroup) -> Result<Arc<Dispatched>, RuntimeError> {
         let d = self.kernels(program, group)?;
-        if let Some(max) = d.max_rows {
-            let rows = match &group.launch {
-                GroupLaunch::Matmul { batch, m, .. } => batch.mul(m).eval(&self.at),
-                _ => self.at.b * self.at.t,
-            };
-            if rows > i64::from(max) {
-                return Err(RuntimeError::Input(format!(
-                    "{} ({}): {rows} rows, and its kernels compute at most {max}",
-                    group.id, group.name
-                )));
-            }
-        }
+        crate::device::check_rows(group, &d, &self.at)?;
         self.clear_zeroed(program, group)?;
         Ok(d)
     }
@@ -246,12 +235,8 @@ impl SimMemory {
 
     /// Clears the zeroed arena storage whose lifetime starts at `group`.
     fn clear_zeroed(&mut self, program: &Program, group: &KernelGroup) -> Result<(), RuntimeError> {
-        for b in program.buffers.iter().filter(|b| b.zeroed && b.alias.is_none() && b.kind.in_arena()) {
-            if b.live.is_some_and(|(first, _)| first == group.id) {
-                let (dtype, n) = elements(program, b.id, &self.at)?;
-                let addr = self.address(program, b.id)?;
-                self.global.write(addr, &vec![0; n * dtype.size() as usize]).map_err(device_error)?;
-            }
+        for (_, off, bytes) in crate::device::zeroed_at(program, group, &self.at)? {
+            self.global.write(self.arena + off, &vec![0; bytes]).map_err(device_error)?;
         }
         Ok(())
     }
