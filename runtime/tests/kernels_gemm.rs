@@ -393,6 +393,16 @@ fn gemv_epilogues() {
     check_gemv(&case(1, 40, 40, GemmEpilogue::Relu2), 1, None);
 }
 
+/// More rows than one block computes: the rows run in chunks of `max_rows` (ragged last chunk),
+/// every prologue and epilogue included.
+#[test]
+fn gemv_rows_in_chunks() {
+    check_gemv(&case(19, 40, 72, GemmEpilogue::None), 8, None);
+    check_gemv(&case(9, 136, 40, GemmEpilogue::Residual), 8, None);
+    check_gemv(&case(11, 136, 72, GemmEpilogue::Swiglu), 4, Some(2));
+    check_gemv(&normed(case(17, 72, 1032, GemmEpilogue::Bias)), 8, None);
+}
+
 #[test]
 fn gemv_rmsnorm_prologue() {
     check_gemv(&normed(case(3, 40, 72, GemmEpilogue::None)), 4, None);

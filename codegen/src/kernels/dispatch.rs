@@ -9,8 +9,8 @@
 //! allocates it explicitly (dispatch never invents program buffers).
 //!
 //! Covered:
-//! - `matmul` (`trans_a = false`, `trans_b = true`, rank-2 bf16 weight) → `gemv` in decode (up to
-//!   `gemv::MAX_ROWS` rows: a decode batch of at most 8 sequences), `gemm` otherwise;
+//! - `matmul` (`trans_a = false`, `trans_b = true`, rank-2 bf16 weight) → `gemv` in decode (blocks of
+//!   `gemv::MAX_ROWS` rows, so a batch of 8 sequences reads each weight once), `gemm` otherwise;
 //! - fused `[add_]rmsnorm_matmul[_epilogue | _tail]` bodies: an optional `add(p0, p1)` (computed by
 //!   an elementwise kernel first into its result, or into scratch `sum` when only the product reads
 //!   it), an optional `rmsnorm` prologue, an optional `slice` of rows (copied by `slice::slice` into
@@ -1114,7 +1114,7 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
     };
     pre.push(main);
     pre.extend(tail_kernels);
-    Ok(Plan { kernels: pre, scratch, max_rows: (mode == Mode::Decode).then_some(gemv::MAX_ROWS) })
+    Ok(Plan { kernels: pre, scratch, max_rows: None })
 }
 
 /// The epilogue the GEMV / GEMM fuse after the product `mm` — `(epilogue, out, bias, residual)` —

@@ -1,10 +1,14 @@
-//! gemv: the decode product, `C[M, N] = A[M, K] · W[N, K]ᵀ` for a few rows (`M ≤ max_rows ≤ 8`), as a
-//! weight-streaming kernel: decode is memory-bound, so the kernel's job is to read W once, in
+//! gemv: the decode product, `C[M, N] = A[M, K] · W[N, K]ᵀ` for a few rows, as a weight-streaming
+//! kernel: decode is memory-bound, so the kernel's job is to read W once, in
 //! 16-byte loads that bypass L1 (`ld.global.nc.L1::no_allocate.v4`, `Cache::Stream`), with enough
 //! loads in flight.
 //!
 //! # Work split
 //!
+//! * **Rows**: a block computes `max_rows` (≤ 8) rows of A, chunk `ctaid.y`; the grid has M blocks
+//!   in y (a size the schedule evaluates) and those past the last chunk do nothing, so any M runs.
+//!   Decode batches up to `max_rows` read W once; larger ones read it once per chunk (from L2 after
+//!   the first).
 //! * 256 threads = 8 warps per block. A warp owns **2 W rows** (2 output columns, or for SwiGLU the
 //!   gate and up rows of 1 output column) and a share of K: the block's warps form
 //!   `8 / split` column groups × `split` k groups (**in-block split-K**). Lane `l` of a warp reads the
@@ -31,7 +35,7 @@
 //!
 //! # Assumptions
 //!
-//! `M ≤ max_rows` (rows past `max_rows` are not computed), K a multiple of 8 (16-byte chunks),
+//! K a multiple of 8 (16-byte chunks),
 //! N even for SwiGLU; `N·K` and `M·K` fit in `u32`. Output stores are per element (bf16), so N has no
 //! other constraint.
 //!
@@ -68,7 +72,7 @@ pub struct GemvSpec {
     pub prologue: GemmPrologue,
     /// `None`, `Bias`, `Residual`, `Swiglu` or `Relu2`.
     pub epilogue: GemmEpilogue,
-    /// Rows of A the kernel is written for (1..=8); M ≤ this at run time.
+    /// Rows of A one block computes (1..=8); larger M runs in chunks of this many rows.
     pub max_rows: u32,
     /// Warps per column group that share K (1, 2, 4 or 8); `None` applies the split rule.
     pub split_k: Option<u32>,
@@ -170,11 +174,6 @@ pub fn gemv(spec: &GemvSpec) -> Result<Generated, CodegenError> {
     {
         return err(format!("K = {k} is not a multiple of 8"));
     }
-    if let Some(m) = spec.m.as_const()
-        && m > i64::from(spec.max_rows)
-    {
-        return err(format!("M = {m} exceeds max_rows {}", spec.max_rows));
-    }
     if spec.epilogue == GemmEpilogue::Swiglu && n % 2 != 0 {
         return err(format!("SwiGLU over an odd N = {n}"));
     }
@@ -198,7 +197,7 @@ pub fn gemv(spec: &GemvSpec) -> Result<Generated, CodegenError> {
     args.extend([ArgRule::Size(spec.m.clone()), ArgRule::Size(spec.n.clone()), ArgRule::Size(spec.k.clone())]);
     let gx = outw.div_ceil(sh.out_per_block).max(1);
     let launch = LaunchRule {
-        grid: [Dim::constant(i64::from(gx)), Dim::constant(1), Dim::constant(1)],
+        grid: [Dim::constant(i64::from(gx)), spec.m.clone(), Dim::constant(1)],
         block: [THREADS, 1, 1],
         dynamic_shared: 0,
         args,
@@ -234,7 +233,7 @@ fn build(spec: &GemvSpec, sh: GemvShape) -> Kernel {
     let norm_w = norm_eps.map(|_| b.param_ptr("norm_w"));
     let bias = (epi == GemmEpilogue::Bias).then(|| b.param_ptr("bias"));
     let residual = (epi == GemmEpilogue::Residual).then(|| b.param_ptr("residual"));
-    let m = b.param(ParamTy::U32, "m");
+    let m_total = b.param(ParamTy::U32, "m");
     let n = b.param(ParamTy::U32, "n");
     let k = b.param(ParamTy::U32, "k");
 
@@ -245,254 +244,268 @@ fn build(spec: &GemvSpec, sh: GemvShape) -> Kernel {
     let sred = b.shared_addr(sred);
     let srstd = b.shared_addr(srstd);
 
-    let tid = b.special(Special::TidX);
-    let lane = b.special(Special::LaneId);
-    let warp = b.special(Special::WarpInBlock);
-    let nb = b.special(Special::CtaidX);
-    let wk = b.bin(BinOp::And, Ty::U32, warp.into(), (split - 1).into());
-    let wc = b.bin(BinOp::Shr, Ty::U32, warp.into(), log2(split).into());
-    let outw = if swiglu { b.bin(BinOp::Shr, Ty::U32, n.into(), 1u32.into()) } else { n };
-    let lane8 = b.bin(BinOp::Shl, Ty::U32, lane.into(), 3u32.into());
-    let kmax = b.bin(BinOp::Sub, Ty::U32, k.into(), 8u32.into());
+    // The block's row chunk: rows r0 .. r0 + max_rows of A (grid.y = M blocks; those past the last
+    // chunk have no rows and do nothing).
+    let cy = b.special(Special::CtaidY);
+    let r0 = b.mul(Ty::U32, cy.into(), r_max.into());
+    let active = lt(&mut b, r0.into(), m_total.into());
+    b.if_uniform(active, |b| {
+        let m = b.bin(BinOp::Sub, Ty::U32, m_total.into(), r0.into());
+        let outw_rows = if swiglu { b.bin(BinOp::Shr, Ty::U32, n.into(), 1u32.into()) } else { n };
+        let a_off = b.mul(Ty::U32, r0.into(), k.into());
+        let a = gaddr(b, a, a_off, 2);
+        let out_off = b.mul(Ty::U32, r0.into(), outw_rows.into());
+        let out = gaddr(b, out, out_off, 2);
+        let residual = residual.map(|r| gaddr(b, r, out_off, 2));
+        let tid = b.special(Special::TidX);
+        let lane = b.special(Special::LaneId);
+        let warp = b.special(Special::WarpInBlock);
+        let nb = b.special(Special::CtaidX);
+        let wk = b.bin(BinOp::And, Ty::U32, warp.into(), (split - 1).into());
+        let wc = b.bin(BinOp::Shr, Ty::U32, warp.into(), log2(split).into());
+        let outw = if swiglu { b.bin(BinOp::Shr, Ty::U32, n.into(), 1u32.into()) } else { n };
+        let lane8 = b.bin(BinOp::Shl, Ty::U32, lane.into(), 3u32.into());
+        let kmax = b.bin(BinOp::Sub, Ty::U32, k.into(), 8u32.into());
 
-    // ---------------------------------------------------------------- the warp's W rows
-    b.comment("W rows of this warp");
-    let col0 = b.mul(Ty::U32, nb.into(), out_per_block.into());
-    let mut w_rows = Vec::new();
-    for c in 0..ROWS_PER_WARP {
-        let (o, wrow) = if swiglu {
-            let o = addu(&mut b, col0.into(), wc.into());
-            let wrow = if c == 0 { o } else { addu(&mut b, o.into(), outw.into()) };
-            (o, wrow)
-        } else {
-            let o = madu(&mut b, wc.into(), ROWS_PER_WARP.into(), col0.into());
-            let o = addu(&mut b, o.into(), c.into());
-            (o, o)
-        };
-        let ok = lt(&mut b, o.into(), outw.into());
-        let wrow = b.selp(Ty::U32, wrow.into(), 0u32.into(), ok);
-        let idx = b.mul(Ty::U32, wrow.into(), k.into());
-        w_rows.push(gaddr(&mut b, w, idx, 2));
-    }
-
-    // ---------------------------------------------------------------- RMSNorm row factors
-    if let (Some(eps), Some(_)) = (norm_eps, norm_w) {
-        b.comment("rstd of row `warp`");
-        let kf = b.cvt(Ty::F32, Ty::U32, k.into());
-        let inv_k = b.un(UnOp::Rcp, Ty::F32, kf.into());
-        let mine = lt(&mut b, warp.into(), r_max.into());
-        b.if_(mine, |b| {
-            let row_ok = lt(b, warp.into(), m.into());
-            let end = b.selp(Ty::U32, k.into(), 0u32.into(), row_ok);
-            let ss = b.mov(Ty::F32, 0.0f32.into());
-            let rowk = b.mul(Ty::U32, warp.into(), k.into());
-            b.for_(Ty::U32, lane8.into(), end.into(), SLICE.into(), |b, kq| {
-                let idx = addu(b, rowk.into(), kq.into());
-                let addr = gaddr(b, a, idx, 2);
-                let v = b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, addr.into(), 0, 4);
-                for x in v {
-                    let (lo, hi) = unpack_bf16x2(b, x);
-                    b.mad_into(ss, lo.into(), lo.into());
-                    b.mad_into(ss, hi.into(), hi.into());
-                }
-            });
-            let total = b.warp_reduce(BinOp::Add, Ty::F32, ss);
-            let rs = rstd(b, total, inv_k, eps);
-            let first = b.setp(Cmp::Eq, Ty::U32, lane.into(), 0u32.into());
-            b.if_(first, |b| {
-                let addr = madu(b, warp.into(), 4u32.into(), srstd.into());
-                b.st(Space::Shared, Ty::F32, addr.into(), 0, rs.into());
-            });
-        });
-        b.bar();
-    }
-
-    let acc: Vec<Reg> = (0..ROWS_PER_WARP * r_max).map(|_| b.mov(Ty::F32, 0.0f32.into())).collect();
-
-    // ---------------------------------------------------------------- K chunks
-    let chunks16 = r_max * chunk / 8;
-    let stage_iters = chunks16.div_ceil(THREADS);
-    let per_warp = chunk / SLICE / split;
-    let unroll = per_warp.min(4);
-    b.for_uniform(Ty::U32, 0u32.into(), k.into(), chunk.into(), |b, kc| {
-        b.comment("stage A[:, kc .. kc + chunk] (zero past M and K)");
-        for j in 0..stage_iters {
-            let q = addu(b, tid.into(), (j * THREADS).into());
-            let body = |b: &mut Builder| {
-                let r = b.bin(BinOp::Shr, Ty::U32, q.into(), log2(chunk / 8).into());
-                let kq = b.bin(BinOp::And, Ty::U32, q.into(), (chunk / 8 - 1).into());
-                let kq = b.bin(BinOp::Shl, Ty::U32, kq.into(), 3u32.into());
-                let gk = addu(b, kc.into(), kq.into());
-                let rok = lt(b, r.into(), m.into());
-                let kok = lt(b, gk.into(), k.into());
-                let ok = and_p(b, rok, kok);
-                let idx = madu(b, r.into(), k.into(), gk.into());
-                let idx = b.selp(Ty::U32, idx.into(), 0u32.into(), ok);
-                let addr = gaddr(b, a, idx, 2);
-                let mut v = b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, addr.into(), 0, 4);
-                if let Some(gw) = norm_w {
-                    let rs_addr = madu(b, r.into(), 4u32.into(), srstd.into());
-                    let rs = b.ld(Space::Shared, Ty::F32, Cache::None, rs_addr.into(), 0);
-                    let gidx = b.selp(Ty::U32, gk.into(), 0u32.into(), ok);
-                    let gaddr_ = gaddr(b, gw, gidx, 2);
-                    let gv = b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, gaddr_.into(), 0, 4);
-                    for (x, gx) in v.iter_mut().zip(gv) {
-                        let (lo, hi) = unpack_bf16x2(b, *x);
-                        let (gl, gh) = unpack_bf16x2(b, gx);
-                        let lo = b.mul(Ty::F32, lo.into(), rs.into());
-                        let lo = b.mul(Ty::F32, lo.into(), gl.into());
-                        let hi = b.mul(Ty::F32, hi.into(), rs.into());
-                        let hi = b.mul(Ty::F32, hi.into(), gh.into());
-                        *x = b.pack_bf16x2(lo.into(), hi.into());
-                    }
-                }
-                let v: Vec<Operand> =
-                    v.into_iter().map(|x| b.selp(Ty::B32, x.into(), 0u32.into(), ok).into()).collect();
-                let sidx = madu(b, r.into(), chunk.into(), kq.into());
-                let saddr = madu(b, sidx.into(), 2u32.into(), sa.into());
-                b.st_vec(Space::Shared, Ty::B32, saddr.into(), 0, v);
-            };
-            if (j + 1) * THREADS > chunks16 {
-                let inside = lt(b, q.into(), chunks16.into());
-                b.if_(inside, body);
+        // ---------------------------------------------------------------- the warp's W rows
+        b.comment("W rows of this warp");
+        let col0 = b.mul(Ty::U32, nb.into(), out_per_block.into());
+        let mut w_rows = Vec::new();
+        for c in 0..ROWS_PER_WARP {
+            let (o, wrow) = if swiglu {
+                let o = addu(b, col0.into(), wc.into());
+                let wrow = if c == 0 { o } else { addu(b, o.into(), outw.into()) };
+                (o, wrow)
             } else {
-                body(b);
-            }
+                let o = madu(b, wc.into(), ROWS_PER_WARP.into(), col0.into());
+                let o = addu(b, o.into(), c.into());
+                (o, o)
+            };
+            let ok = lt(b, o.into(), outw.into());
+            let wrow = b.selp(Ty::U32, wrow.into(), 0u32.into(), ok);
+            let idx = b.mul(Ty::U32, wrow.into(), k.into());
+            w_rows.push(gaddr(b, w, idx, 2));
         }
-        b.bar();
 
-        b.comment("stream W: slices wk, wk + split, ... of the chunk");
-        for grp in 0..per_warp / unroll {
-            // First k of the group's first slice; the whole group is skipped past K.
-            let s0 = addu(b, wk.into(), (grp * unroll * split).into());
-            let k0 = madu(b, s0.into(), SLICE.into(), kc.into());
-            let live = lt(b, k0.into(), k.into());
-            b.if_(live, |b| {
-                let mut wv = Vec::new();
-                let mut kls = Vec::new();
-                for u in 0..unroll {
-                    let kl = madu(b, s0.into(), SLICE.into(), lane8.into());
-                    let kl = addu(b, kl.into(), (u * split * SLICE).into());
-                    let gk = addu(b, kl.into(), kc.into());
-                    let kw = b.bin(BinOp::Min, Ty::U32, gk.into(), kmax.into());
-                    let kw2 = b.bin(BinOp::MulWide, Ty::U32, kw.into(), 2u32.into());
-                    let mut cols = Vec::new();
-                    for row in &w_rows {
-                        let addr = b.add(Ty::U64, (*row).into(), kw2.into());
-                        cols.push(b.ld_vec(Space::Global, Ty::B32, Cache::Stream, addr.into(), 0, 4));
+        // ---------------------------------------------------------------- RMSNorm row factors
+        if let (Some(eps), Some(_)) = (norm_eps, norm_w) {
+            b.comment("rstd of row `warp`");
+            let kf = b.cvt(Ty::F32, Ty::U32, k.into());
+            let inv_k = b.un(UnOp::Rcp, Ty::F32, kf.into());
+            let mine = lt(b, warp.into(), r_max.into());
+            b.if_(mine, |b| {
+                let row_ok = lt(b, warp.into(), m.into());
+                let end = b.selp(Ty::U32, k.into(), 0u32.into(), row_ok);
+                let ss = b.mov(Ty::F32, 0.0f32.into());
+                let rowk = b.mul(Ty::U32, warp.into(), k.into());
+                b.for_(Ty::U32, lane8.into(), end.into(), SLICE.into(), |b, kq| {
+                    let idx = addu(b, rowk.into(), kq.into());
+                    let addr = gaddr(b, a, idx, 2);
+                    let v = b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, addr.into(), 0, 4);
+                    for x in v {
+                        let (lo, hi) = unpack_bf16x2(b, x);
+                        b.mad_into(ss, lo.into(), lo.into());
+                        b.mad_into(ss, hi.into(), hi.into());
                     }
-                    wv.push(cols);
-                    kls.push(kl);
+                });
+                let total = b.warp_reduce(BinOp::Add, Ty::F32, ss);
+                let rs = rstd(b, total, inv_k, eps);
+                let first = b.setp(Cmp::Eq, Ty::U32, lane.into(), 0u32.into());
+                b.if_(first, |b| {
+                    let addr = madu(b, warp.into(), 4u32.into(), srstd.into());
+                    b.st(Space::Shared, Ty::F32, addr.into(), 0, rs.into());
+                });
+            });
+            b.bar();
+        }
+
+        let acc: Vec<Reg> = (0..ROWS_PER_WARP * r_max).map(|_| b.mov(Ty::F32, 0.0f32.into())).collect();
+
+        // ---------------------------------------------------------------- K chunks
+        let chunks16 = r_max * chunk / 8;
+        let stage_iters = chunks16.div_ceil(THREADS);
+        let per_warp = chunk / SLICE / split;
+        let unroll = per_warp.min(4);
+        b.for_uniform(Ty::U32, 0u32.into(), k.into(), chunk.into(), |b, kc| {
+            b.comment("stage A[:, kc .. kc + chunk] (zero past M and K)");
+            for j in 0..stage_iters {
+                let q = addu(b, tid.into(), (j * THREADS).into());
+                let body = |b: &mut Builder| {
+                    let r = b.bin(BinOp::Shr, Ty::U32, q.into(), log2(chunk / 8).into());
+                    let kq = b.bin(BinOp::And, Ty::U32, q.into(), (chunk / 8 - 1).into());
+                    let kq = b.bin(BinOp::Shl, Ty::U32, kq.into(), 3u32.into());
+                    let gk = addu(b, kc.into(), kq.into());
+                    let rok = lt(b, r.into(), m.into());
+                    let kok = lt(b, gk.into(), k.into());
+                    let ok = and_p(b, rok, kok);
+                    let idx = madu(b, r.into(), k.into(), gk.into());
+                    let idx = b.selp(Ty::U32, idx.into(), 0u32.into(), ok);
+                    let addr = gaddr(b, a, idx, 2);
+                    let mut v = b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, addr.into(), 0, 4);
+                    if let Some(gw) = norm_w {
+                        let rs_addr = madu(b, r.into(), 4u32.into(), srstd.into());
+                        let rs = b.ld(Space::Shared, Ty::F32, Cache::None, rs_addr.into(), 0);
+                        let gidx = b.selp(Ty::U32, gk.into(), 0u32.into(), ok);
+                        let gaddr_ = gaddr(b, gw, gidx, 2);
+                        let gv = b.ld_vec(Space::Global, Ty::B32, Cache::ReadOnly, gaddr_.into(), 0, 4);
+                        for (x, gx) in v.iter_mut().zip(gv) {
+                            let (lo, hi) = unpack_bf16x2(b, *x);
+                            let (gl, gh) = unpack_bf16x2(b, gx);
+                            let lo = b.mul(Ty::F32, lo.into(), rs.into());
+                            let lo = b.mul(Ty::F32, lo.into(), gl.into());
+                            let hi = b.mul(Ty::F32, hi.into(), rs.into());
+                            let hi = b.mul(Ty::F32, hi.into(), gh.into());
+                            *x = b.pack_bf16x2(lo.into(), hi.into());
+                        }
+                    }
+                    let v: Vec<Operand> =
+                        v.into_iter().map(|x| b.selp(Ty::B32, x.into(), 0u32.into(), ok).into()).collect();
+                    let sidx = madu(b, r.into(), chunk.into(), kq.into());
+                    let saddr = madu(b, sidx.into(), 2u32.into(), sa.into());
+                    b.st_vec(Space::Shared, Ty::B32, saddr.into(), 0, v);
+                };
+                if (j + 1) * THREADS > chunks16 {
+                    let inside = lt(b, q.into(), chunks16.into());
+                    b.if_(inside, body);
+                } else {
+                    body(b);
                 }
-                for u in 0..unroll as usize {
-                    let wf: Vec<Vec<Reg>> = wv[u]
-                        .iter()
-                        .map(|regs| {
-                            regs.iter()
+            }
+            b.bar();
+
+            b.comment("stream W: slices wk, wk + split, ... of the chunk");
+            for grp in 0..per_warp / unroll {
+                // First k of the group's first slice; the whole group is skipped past K.
+                let s0 = addu(b, wk.into(), (grp * unroll * split).into());
+                let k0 = madu(b, s0.into(), SLICE.into(), kc.into());
+                let live = lt(b, k0.into(), k.into());
+                b.if_(live, |b| {
+                    let mut wv = Vec::new();
+                    let mut kls = Vec::new();
+                    for u in 0..unroll {
+                        let kl = madu(b, s0.into(), SLICE.into(), lane8.into());
+                        let kl = addu(b, kl.into(), (u * split * SLICE).into());
+                        let gk = addu(b, kl.into(), kc.into());
+                        let kw = b.bin(BinOp::Min, Ty::U32, gk.into(), kmax.into());
+                        let kw2 = b.bin(BinOp::MulWide, Ty::U32, kw.into(), 2u32.into());
+                        let mut cols = Vec::new();
+                        for row in &w_rows {
+                            let addr = b.add(Ty::U64, (*row).into(), kw2.into());
+                            cols.push(b.ld_vec(Space::Global, Ty::B32, Cache::Stream, addr.into(), 0, 4));
+                        }
+                        wv.push(cols);
+                        kls.push(kl);
+                    }
+                    for u in 0..unroll as usize {
+                        let wf: Vec<Vec<Reg>> = wv[u]
+                            .iter()
+                            .map(|regs| {
+                                regs.iter()
+                                    .flat_map(|&x| {
+                                        let (lo, hi) = unpack_bf16x2(b, x);
+                                        [lo, hi]
+                                    })
+                                    .collect()
+                            })
+                            .collect();
+                        for r in 0..r_max {
+                            let sidx = addu(b, kls[u].into(), (r * chunk).into());
+                            let saddr = madu(b, sidx.into(), 2u32.into(), sa.into());
+                            let av = b.ld_vec(Space::Shared, Ty::B32, Cache::None, saddr.into(), 0, 4);
+                            let af: Vec<Reg> = av
+                                .iter()
                                 .flat_map(|&x| {
                                     let (lo, hi) = unpack_bf16x2(b, x);
                                     [lo, hi]
                                 })
-                                .collect()
-                        })
-                        .collect();
-                    for r in 0..r_max {
-                        let sidx = addu(b, kls[u].into(), (r * chunk).into());
-                        let saddr = madu(b, sidx.into(), 2u32.into(), sa.into());
-                        let av = b.ld_vec(Space::Shared, Ty::B32, Cache::None, saddr.into(), 0, 4);
-                        let af: Vec<Reg> = av
-                            .iter()
-                            .flat_map(|&x| {
-                                let (lo, hi) = unpack_bf16x2(b, x);
-                                [lo, hi]
-                            })
-                            .collect();
-                        for (c, wcol) in wf.iter().enumerate() {
-                            let dst = acc[c * r_max as usize + r as usize];
-                            for (x, y) in af.iter().zip(wcol) {
-                                b.mad_into(dst, (*x).into(), (*y).into());
+                                .collect();
+                            for (c, wcol) in wf.iter().enumerate() {
+                                let dst = acc[c * r_max as usize + r as usize];
+                                for (x, y) in af.iter().zip(wcol) {
+                                    b.mad_into(dst, (*x).into(), (*y).into());
+                                }
                             }
                         }
                     }
-                }
-            });
+                });
+            }
+            // The next chunk's staging overwrites A.
+            b.bar();
+        });
+
+        // ---------------------------------------------------------------- reduction
+        b.comment("reduce over lanes, then over k groups in order");
+        let first = b.setp(Cmp::Eq, Ty::U32, lane.into(), 0u32.into());
+        let slot = madu(b, wk.into(), groups.into(), wc.into());
+        let mut sums = Vec::new();
+        for &x in &acc {
+            sums.push(b.warp_reduce(BinOp::Add, Ty::F32, x));
         }
-        // The next chunk's staging overwrites A.
+        b.if_(first, |b| {
+            // partials[((wk·groups + wc)·2 + c)·R + r]
+            let base = b.mul(Ty::U32, slot.into(), (ROWS_PER_WARP * r_max * 4).into());
+            let base = addu(b, base.into(), sred.into());
+            for (i, &s) in sums.iter().enumerate() {
+                b.st(Space::Shared, Ty::F32, base.into(), i as i64 * 4, s.into());
+            }
+        });
         b.bar();
-    });
 
-    // ---------------------------------------------------------------- reduction
-    b.comment("reduce over lanes, then over k groups in order");
-    let first = b.setp(Cmp::Eq, Ty::U32, lane.into(), 0u32.into());
-    let slot = madu(&mut b, wk.into(), groups.into(), wc.into());
-    let mut sums = Vec::new();
-    for &x in &acc {
-        sums.push(b.warp_reduce(BinOp::Add, Ty::F32, x));
-    }
-    b.if_(first, |b| {
-        // partials[((wk·groups + wc)·2 + c)·R + r]
-        let base = b.mul(Ty::U32, slot.into(), (ROWS_PER_WARP * r_max * 4).into());
-        let base = addu(b, base.into(), sred.into());
-        for (i, &s) in sums.iter().enumerate() {
-            b.st(Space::Shared, Ty::F32, base.into(), i as i64 * 4, s.into());
-        }
-    });
-    b.bar();
-
-    b.comment("epilogue: one thread per output");
-    let owners = r_max * out_per_block;
-    let mine = lt(&mut b, tid.into(), owners.into());
-    b.if_(mine, |b| {
-        let r = b.bin(BinOp::Div, Ty::U32, tid.into(), out_per_block.into());
-        let o = b.bin(BinOp::Rem, Ty::U32, tid.into(), out_per_block.into());
-        let col = addu(b, col0.into(), o.into());
-        let rok = lt(b, r.into(), m.into());
-        let cok = lt(b, col.into(), outw.into());
-        let ok = and_p(b, rok, cok);
-        b.if_(ok, |b| {
-            // The partial of (group g, W row c of the warp, row r) for k group j.
-            let gather = |b: &mut Builder, g: Reg, c: Operand| {
-                let mut total: Option<Reg> = None;
-                for j in 0..split {
-                    let s = addu(b, g.into(), (j * groups).into());
-                    let i = madu(b, s.into(), ROWS_PER_WARP.into(), c);
-                    let i = madu(b, i.into(), r_max.into(), r.into());
-                    let addr = madu(b, i.into(), 4u32.into(), sred.into());
-                    let v = b.ld(Space::Shared, Ty::F32, Cache::None, addr.into(), 0);
-                    total = Some(match total {
-                        None => v,
-                        Some(t) => b.add(Ty::F32, t.into(), v.into()),
-                    });
+        b.comment("epilogue: one thread per output");
+        let owners = r_max * out_per_block;
+        let mine = lt(b, tid.into(), owners.into());
+        b.if_(mine, |b| {
+            let r = b.bin(BinOp::Div, Ty::U32, tid.into(), out_per_block.into());
+            let o = b.bin(BinOp::Rem, Ty::U32, tid.into(), out_per_block.into());
+            let col = addu(b, col0.into(), o.into());
+            let rok = lt(b, r.into(), m.into());
+            let cok = lt(b, col.into(), outw.into());
+            let ok = and_p(b, rok, cok);
+            b.if_(ok, |b| {
+                // The partial of (group g, W row c of the warp, row r) for k group j.
+                let gather = |b: &mut Builder, g: Reg, c: Operand| {
+                    let mut total: Option<Reg> = None;
+                    for j in 0..split {
+                        let s = addu(b, g.into(), (j * groups).into());
+                        let i = madu(b, s.into(), ROWS_PER_WARP.into(), c);
+                        let i = madu(b, i.into(), r_max.into(), r.into());
+                        let addr = madu(b, i.into(), 4u32.into(), sred.into());
+                        let v = b.ld(Space::Shared, Ty::F32, Cache::None, addr.into(), 0);
+                        total = Some(match total {
+                            None => v,
+                            Some(t) => b.add(Ty::F32, t.into(), v.into()),
+                        });
+                    }
+                    total.unwrap_or_else(|| b.mov(Ty::F32, 0.0f32.into()))
+                };
+                let mut v = if swiglu {
+                    let gate = gather(b, o, 0u32.into());
+                    let up = gather(b, o, 1u32.into());
+                    let s = silu(b, gate);
+                    b.mul(Ty::F32, s.into(), up.into())
+                } else {
+                    let g = b.bin(BinOp::Shr, Ty::U32, o.into(), 1u32.into());
+                    let c = b.bin(BinOp::And, Ty::U32, o.into(), 1u32.into());
+                    gather(b, g, c.into())
+                };
+                let idx = madu(b, r.into(), outw.into(), col.into());
+                if let Some(bias) = bias {
+                    let x = load_bf16(b, bias, col, Cache::ReadOnly);
+                    v = b.add(Ty::F32, v.into(), x.into());
                 }
-                total.unwrap_or_else(|| b.mov(Ty::F32, 0.0f32.into()))
-            };
-            let mut v = if swiglu {
-                let gate = gather(b, o, 0u32.into());
-                let up = gather(b, o, 1u32.into());
-                let s = silu(b, gate);
-                b.mul(Ty::F32, s.into(), up.into())
-            } else {
-                let g = b.bin(BinOp::Shr, Ty::U32, o.into(), 1u32.into());
-                let c = b.bin(BinOp::And, Ty::U32, o.into(), 1u32.into());
-                gather(b, g, c.into())
-            };
-            let idx = madu(b, r.into(), outw.into(), col.into());
-            if let Some(bias) = bias {
-                let x = load_bf16(b, bias, col, Cache::ReadOnly);
-                v = b.add(Ty::F32, v.into(), x.into());
-            }
-            if let Some(res) = residual {
-                // Plain loads: `out` may alias `residual`.
-                let x = load_bf16(b, res, idx, Cache::None);
-                v = b.add(Ty::F32, v.into(), x.into());
-            }
-            if epi == GemmEpilogue::Relu2 {
-                v = relu2(b, v);
-            }
-            let packed = b.pack_bf16x2(v.into(), 0.0f32.into());
-            let (lo, _) = b.unpack16(packed);
-            let addr = gaddr(b, out, idx, 2);
-            b.st(Space::Global, Ty::B16, addr.into(), 0, lo.into());
+                if let Some(res) = residual {
+                    // Plain loads: `out` may alias `residual`.
+                    let x = load_bf16(b, res, idx, Cache::None);
+                    v = b.add(Ty::F32, v.into(), x.into());
+                }
+                if epi == GemmEpilogue::Relu2 {
+                    v = relu2(b, v);
+                }
+                let packed = b.pack_bf16x2(v.into(), 0.0f32.into());
+                let (lo, _) = b.unpack16(packed);
+                let addr = gaddr(b, out, idx, 2);
+                b.st(Space::Global, Ty::B16, addr.into(), 0, lo.into());
+            });
         });
     });
     b.finish()
