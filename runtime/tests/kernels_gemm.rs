@@ -437,7 +437,16 @@ fn sizes_are_checked() {
     spec.dtype = DType::F32;
     assert!(matches!(gemm(&spec), Err(CodegenError::Unsupported(_))));
     let (m, n, k) = dims(&case(9, 40, 16, GemmEpilogue::None));
-    assert!(matches!(gemv(&GemvSpec::new("g", 8, m, n, k)), Err(CodegenError::Shape(_))), "M = 9 > 8 rows");
+    // M = 9 over blocks of 8 rows: two row chunks (grid.y = M; the blocks past the last chunk idle).
+    let g = gemv(&GemvSpec::new("g", 8, m, n, k)).expect("any M generates");
+    assert_eq!(g.launch.grid_at(&Bindings { b: 1, t: 1, s: 0 })[1], 9);
+    let (m, n, k) = dims(&case(8, 40, 20, GemmEpilogue::None));
+    assert!(
+        matches!(gemv(&GemvSpec::new("g", 8, m, n, k)), Err(CodegenError::Shape(_))),
+        "K = 20 is not a multiple of 8"
+    );
+    let (m, n, k) = dims(&case(8, 40, 16, GemmEpilogue::None));
+    assert!(matches!(gemv(&GemvSpec::new("g", 9, m, n, k)), Err(CodegenError::Shape(_))), "9 rows per block");
     // A symbolic M: the grid covers N, and a constant number of block rows loop over the M tiles.
     let spec = GemmSpec::new("g", Dim::sym(Sym::T), Dim::constant(4096), Dim::constant(2048));
     let g = gemm(&spec).expect("generates");
