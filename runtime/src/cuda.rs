@@ -183,22 +183,22 @@ impl Cuda {
         Ok(function)
     }
 
-    /// The kernels of `group` before its first kernel launches: checks the row limit of the
-    /// generated kernels and clears zeroed storage whose lifetime starts here.
+    /// Before `group`'s first kernel launches: checks the row limit of its kernels `d` and clears
+    /// zeroed storage whose lifetime starts here.
     fn begin_group(
         &self,
         program: &Program,
         group: &KernelGroup,
+        d: &Dispatched,
         mem: &mut CudaMemory,
-    ) -> Result<Arc<Dispatched>, RuntimeError> {
-        let d = mem.kernels(program, group)?;
-        crate::device::check_rows(group, &d, &mem.at)?;
+    ) -> Result<(), RuntimeError> {
+        crate::device::check_rows(group, d, &mem.at)?;
         for (_, off, bytes) in crate::device::zeroed_at(program, group, &mem.at)? {
             self.bind()?;
             // SAFETY: the range lies in the arena (the program's plan); ordered on the stream.
             check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(mem.arena.ptr + off, 0, bytes, self.stream) })?;
         }
-        Ok(d)
+        Ok(())
     }
 
     /// Ends a capture; with `keep`, instantiates the graph and runs it once.
@@ -718,7 +718,8 @@ impl Device for Cuda {
     }
 
     fn run(&self, program: &Program, group: &KernelGroup, mem: &mut CudaMemory) -> Result<(), RuntimeError> {
-        let d = self.begin_group(program, group, mem)?;
+        let d = mem.kernels(program, group)?;
+        self.begin_group(program, group, &d, mem)?;
         let at = mem.at;
         for g in &d.kernels {
             let grid = g.launch.grid_at(&at);
@@ -785,15 +786,21 @@ impl Device for Cuda {
         program: &Program,
         mem: &mut CudaMemory,
         launch: &flashc_codegen::host::Launched<'_>,
+        kernels: Option<&Dispatched>,
     ) -> Result<(), RuntimeError> {
         let group = crate::device::group(program, launch.kernel)?;
-        let d = if launch.part == 0 { self.begin_group(program, group, mem)? } else { mem.kernels(program, group)? };
-        let g = d.kernels.get(launch.part as usize).filter(|g| g.launch.block == launch.block).ok_or_else(|| {
-            RuntimeError::Compile(format!(
-                "{}: the schedule's launch {} (block {:?}) is not one of the dispatcher's kernels",
-                group.id, launch.part, launch.block
-            ))
-        })?;
+        let generated;
+        let d = match kernels {
+            Some(d) => d,
+            None => {
+                generated = mem.kernels(program, group)?;
+                generated.as_ref()
+            }
+        };
+        if launch.part == 0 {
+            self.begin_group(program, group, d, mem)?;
+        }
+        let g = crate::device::scheduled_kernel(group, d, launch)?;
         self.launch_kernel(g, launch.grid, launch.shared, launch.args)
     }
 
@@ -837,10 +844,7 @@ impl Device for Cuda {
         r
     }
 
-    fn rules(
-        &self,
-        program: &Program,
-    ) -> Result<BTreeMap<KernelId, flashc_codegen::host::plan::GroupRules>, RuntimeError> {
-        Ok(crate::device::generated_rules(program))
+    fn kernels(&self, program: &Program) -> Result<crate::device::GroupKernels, RuntimeError> {
+        Ok(crate::device::generated_kernels(program))
     }
 }

@@ -9,9 +9,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use flashc_codegen::host::plan::GroupRules;
 use flashc_codegen::host::{LaunchPlan, Launched};
+use flashc_codegen::kernels::dispatch::Dispatched;
 use flashc_codegen::kernels::{ArgRule, LaunchRule};
+
+/// Each group's generated kernels, by group.
+pub type GroupKernels = BTreeMap<KernelId, Arc<Dispatched>>;
 use flashc_compiler::gir::Bindings;
 use flashc_compiler::schedule::{BufferId, KernelGroup, KernelId, Program};
 
@@ -108,10 +111,11 @@ pub trait Device {
     /// Waits until every kernel issued so far has finished.
     fn synchronize(&self) -> Result<(), RuntimeError>;
 
-    /// The generated kernels this device launches for each group of `program` (launch rules and
-    /// scratch), for the compiled host schedule. A group without an entry runs whole from its
-    /// default launch (the cpu runs every group that way).
-    fn rules(&self, _program: &Program) -> Result<BTreeMap<KernelId, GroupRules>, RuntimeError> {
+    /// The generated kernels this device launches for each group of `program`, for the compiled
+    /// host schedule (which plans their launch rules and scratch, and hands each launch its
+    /// group's kernels). A group without an entry runs whole from its default launch (the cpu runs
+    /// every group that way).
+    fn kernels(&self, _program: &Program) -> Result<GroupKernels, RuntimeError> {
         Ok(BTreeMap::new())
     }
 
@@ -120,8 +124,15 @@ pub trait Device {
     fn bases(&self, program: &Program, plan: &LaunchPlan, mem: &mut Self::Memory) -> Result<Vec<u64>, RuntimeError>;
 
     /// Performs one launch of the compiled host schedule: part `launch.part` of group
-    /// `launch.kernel`, with the grid, block and arguments the schedule computed.
-    fn launch(&self, program: &Program, mem: &mut Self::Memory, launch: &Launched<'_>) -> Result<(), RuntimeError>;
+    /// `launch.kernel`, with the grid, block and arguments the schedule computed; `kernels` is the
+    /// group's entry of `Device::kernels`, if it has one.
+    fn launch(
+        &self,
+        program: &Program,
+        mem: &mut Self::Memory,
+        launch: &Launched<'_>,
+        kernels: Option<&Dispatched>,
+    ) -> Result<(), RuntimeError>;
 
     /// Replays the recording of a decode step made on `mem` for exactly these base pointers and
     /// sizes, if there is one (CUDA graphs); returns the launches it holds. Devices that do not
@@ -195,14 +206,13 @@ pub(crate) fn bind_args(
         .collect()
 }
 
-/// The generated kernels of the groups of `program` as the host schedule plans them (the `sim` and
-/// `cuda` devices' rules). A group without a generator keeps its default launch: launching it is
-/// the device's error, naming the group and the reason, so a model whose prepared weights come from
-/// another device still runs.
-pub(crate) fn generated_rules(program: &Program) -> BTreeMap<KernelId, GroupRules> {
+/// The generated kernels of the groups of `program` (the `sim` and `cuda` devices' kernels). A
+/// group without a generator keeps its default launch: launching it is the device's error, naming
+/// the group and the reason, so a model whose prepared weights come from another device still runs.
+pub(crate) fn generated_kernels(program: &Program) -> GroupKernels {
     flashc_codegen::kernels::dispatch::generate_all(program)
         .into_iter()
-        .filter_map(|(k, d)| d.ok().map(|d| (k.id, GroupRules::from(&d))))
+        .filter_map(|(k, d)| d.ok().map(|d| (k.id, Arc::new(d))))
         .collect()
 }
 
@@ -246,4 +256,19 @@ pub(crate) fn zeroed_at(
         }
     }
     Ok(out)
+}
+
+/// The kernel a schedule launch names: part `launch.part` of the group's kernels `d`, with the block
+/// the schedule planned (a mismatch means the schedule and the kernels disagree: an internal error).
+pub(crate) fn scheduled_kernel<'a>(
+    group: &KernelGroup,
+    d: &'a Dispatched,
+    launch: &Launched<'_>,
+) -> Result<&'a flashc_codegen::kernels::Generated, RuntimeError> {
+    d.kernels.get(launch.part as usize).filter(|g| g.launch.block == launch.block).ok_or_else(|| {
+        RuntimeError::Compile(format!(
+            "{}: the schedule's launch {} (block {:?}) is not one of the group's kernels",
+            group.id, launch.part, launch.block
+        ))
+    })
 }

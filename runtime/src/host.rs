@@ -1,6 +1,6 @@
 //! host: a program run by its compiled host schedule (codegen's Cranelift back end) on any device.
 //!
-//! [`Scheduled::new`] asks the device which kernels it launches for each group (`Device::rules`:
+//! [`Scheduled::new`] asks the device which kernels it launches for each group (`Device::kernels`:
 //! the generated kernels on `sim` and `cuda`, the group as a whole on `cpu`), plans the launches
 //! and compiles them to native code. [`Scheduled::run`] fills the base-pointer table from the
 //! device's memory (`Device::bases`) and calls the native prep or step function, which evaluates
@@ -17,12 +17,18 @@ use flashc_codegen::host::{self, Dims, HostSchedule, LaunchPlan, Phase, RunError
 use flashc_compiler::gir::{Bindings, Mode};
 use flashc_compiler::schedule::Program;
 
-use crate::device::{Device, RuntimeError};
+use std::sync::Arc;
+
+use flashc_codegen::host::GroupRules;
+
+use crate::device::{Device, GroupKernels, RuntimeError};
 
 /// A program's launch plan for one device and its native schedule.
 pub struct Scheduled {
     pub plan: LaunchPlan,
     native: HostSchedule,
+    /// The device's generated kernels per group (generated once here, handed to each launch).
+    kernels: GroupKernels,
 }
 
 impl std::fmt::Debug for Scheduled {
@@ -38,10 +44,11 @@ impl std::fmt::Debug for Scheduled {
 impl Scheduled {
     /// Plans and compiles `program`'s launches for `device`.
     pub fn new<D: Device>(device: &D, program: &Program) -> Result<Scheduled, RuntimeError> {
-        let rules = device.rules(program)?;
+        let kernels = device.kernels(program)?;
+        let rules = kernels.iter().map(|(k, d)| (*k, GroupRules::from(d.as_ref()))).collect();
         let plan = host::plan(program, &rules).map_err(|e| RuntimeError::Compile(e.to_string()))?;
         let native = host::compile(&plan).map_err(|e| RuntimeError::Compile(e.to_string()))?;
-        Ok(Scheduled { plan, native })
+        Ok(Scheduled { plan, native, kernels })
     }
 
     /// Runs one phase on `mem` (allocated for `program` at sizes `at`); returns the launches made.
@@ -67,7 +74,7 @@ impl Scheduled {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.native.run(phase, &dims, &bases, &mut |l| {
                 launches += 1;
-                device.launch(program, mem, l)
+                device.launch(program, mem, l, self.kernels.get(&l.kernel).map(Arc::as_ref))
             })
         }));
         if record {

@@ -157,7 +157,7 @@ impl Recorder {
                 shared: 0,
                 args: &[],
             };
-            Cpu.launch(p, mem, &l)?;
+            Cpu.launch(p, mem, &l, None)?;
         }
         Ok(())
     }
@@ -228,6 +228,7 @@ impl Device for Recorder {
         p: &Program,
         mem: &mut Self::Memory,
         l: &flashc_codegen::host::Launched<'_>,
+        kernels: Option<&flashc_codegen::kernels::dispatch::Dispatched>,
     ) -> Result<(), RuntimeError> {
         if self.recording.get() {
             if self.program.borrow().is_none() {
@@ -236,7 +237,7 @@ impl Device for Recorder {
             self.recorded.borrow_mut().push((l.kernel, l.part));
             return Ok(());
         }
-        Cpu.launch(p, mem, l)
+        Cpu.launch(p, mem, l, kernels)
     }
 
     fn replay(&self, mem: &mut Self::Memory, _bases: &[u64], _at: &Bindings) -> Result<Option<usize>, RuntimeError> {

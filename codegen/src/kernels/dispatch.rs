@@ -274,7 +274,7 @@ fn plan(
         }
         Op::Concat { .. } | Op::Split { .. } | Op::RowInvNorm => Ok(one(layout::for_op(op, operands, results, &name)?)),
         Op::Fused(f) => fused(mode, &f.graph, &f.name, &name),
-        op if is_elementwise(op) => {
+        op if op.is_elementwise() => {
             let body = single_op_body(op, operands, results);
             Ok(one(elementwise::fused_elementwise(&body, &name)?))
         }
@@ -285,25 +285,6 @@ fn plan(
 /// The kernel name of a group: `k12_rmsnorm_matmul`.
 fn kernel_name(group: &KernelGroup) -> String {
     format!("{}_{}", group.id, group.name)
-}
-
-fn is_elementwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Add
-            | Op::Mul
-            | Op::Scale { .. }
-            | Op::Silu
-            | Op::Softplus
-            | Op::Exp
-            | Op::Sigmoid
-            | Op::Neg
-            | Op::Relu2
-            | Op::Gelu
-            | Op::Swiglu
-            | Op::Clamp { .. }
-            | Op::Convert { .. }
-    )
 }
 
 /// A body graph holding one op over params `p0..`, its results the body's outputs.
@@ -348,7 +329,7 @@ fn fused(mode: Mode, body: &Graph, body_name: &str, name: &str) -> Result<Plan, 
     if has(|o| matches!(o, Op::RmsNorm { .. })) && has(|o| matches!(o, Op::Add)) && compute.len() == 2 {
         return Ok(one(norm::for_add_rmsnorm(body)?));
     }
-    if compute.iter().all(|n| is_elementwise(body.op(*n)) || matches!(body.op(*n), Op::Reshape { .. })) {
+    if compute.iter().all(|n| body.op(*n).is_elementwise() || matches!(body.op(*n), Op::Reshape { .. })) {
         return Ok(one(elementwise::fused_elementwise(body, name)?));
     }
     let ops: Vec<&str> = compute.iter().map(|n| body.op(*n).name()).collect();
@@ -888,6 +869,29 @@ fn deltanet_step(body: &Graph, name: &str) -> Result<Generated, CodegenError> {
     delta::deltanet_step(&spec)
 }
 
+/// The operand slots of the norm producing the product's A when it must run as its own kernel: a
+/// gated RMSNorm, or an RMSNorm whose weight is narrower than K (per head). `None` for anything
+/// else (a plain RMSNorm over K is the GEMM / GEMV prologue).
+fn standalone_norm(body: &Graph, a: Value, k: &Dim, params: &[TensorType]) -> Result<Option<Vec<u32>>, CodegenError> {
+    let nops = body.operands(a.node);
+    match body.op(a.node) {
+        Op::GatedRmsNorm { .. } => Ok(Some(vec![
+            param_of(body, nops[0], "norm input")?,
+            param_of(body, nops[1], "norm gate")?,
+            param_of(body, nops[2], "norm weight")?,
+        ])),
+        Op::RmsNorm { .. } => {
+            let (Some(x), Some(w)) =
+                (param_index(body, unview(body, nops[0])), param_index(body, unview(body, nops[1])))
+            else {
+                return Ok(None);
+            };
+            Ok((params[w as usize].numel() != *k).then(|| vec![x, w]))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// A projection body: `[add(p0, p1) →] [rmsnorm(·, w) →] [slice →] matmul(·, W) [→ epilogue | → tail]`.
 ///
 /// The product is one GEMV / GEMM kernel (after an elementwise kernel for the sum, when there is an
@@ -943,43 +947,17 @@ fn matmul_body(mode: Mode, body: &Graph, name: &str) -> Result<Plan, CodegenErro
     let mut prologue = GemmPrologue::None;
     let (mut a_slot, a_src_ty) = if let Some(p) = param_index(body, a) {
         (p, params[p as usize].clone())
-    } else if let Op::GatedRmsNorm { eps, group, norm_before_gate } = body.op(a.node) {
-        // No gated-norm prologue in the GEMM generators: the norm writes a scratch A first.
-        let nops = body.operands(a.node);
-        let y = param_of(body, nops[0], "norm input")?;
-        let z = param_of(body, nops[1], "norm gate")?;
-        let nw = param_of(body, nops[2], "norm weight")?;
-        let yt = &params[y as usize];
-        let width = yt.shape.last().ok_or_else(|| CodegenError::Shape(format!("norm input {yt}")))?;
-        let width = cst_u32(width, "the normalised width")?;
-        let rows = Dim::product(&yt.shape[..yt.rank() - 1]);
-        let group = u32::try_from(*group).map_err(|_| CodegenError::Shape(format!("norm group {group}")))?;
-        let mut g =
-            norm::gated_rmsnorm(&rows, width, yt.dtype, params[nw as usize].dtype, *eps, group, *norm_before_gate)?;
+    } else if let Some(norm) = standalone_norm(body, a, &k, &params)? {
+        // A norm the GEMM / GEMV cannot take as a prologue (gated, or per head: its weight narrower
+        // than K, e.g. a DeltaNet output norm) writes a scratch A first.
+        let types: Vec<TensorType> = norm.iter().map(|p| params[*p as usize].clone()).collect();
+        let mut g = norm::for_op(body.op(a.node), &types)?;
         let a_ty = body.ty(a).map_err(CodegenError::Shape)?.clone();
         let a_scratch = new_scratch("normed A", a_ty.clone());
+        let slots: Vec<u32> = norm.into_iter().chain([a_scratch]).collect();
         for arg in &mut g.launch.args {
             if let ArgRule::Buffer(b) = arg {
-                *arg = ArgRule::Buffer(BufferId([y, z, nw, a_scratch][b.0.min(3) as usize]));
-            }
-        }
-        pre.push(g);
-        (a_scratch, a_ty)
-    } else if let Op::RmsNorm { .. } = body.op(a.node)
-        && let nops = body.operands(a.node)
-        && let (x, nw) = (unview(body, nops[0]), unview(body, nops[1]))
-        && let Some(xp) = param_index(body, x)
-        && let Some(nwp) = param_index(body, nw)
-        && params[nwp as usize].numel() != k
-    {
-        // A per-head norm (its weight narrower than K, e.g. a DeltaNet output norm before the output
-        // projection) is no GEMM prologue: it writes a scratch A first.
-        let mut g = norm::for_op(body.op(a.node), &[params[xp as usize].clone(), params[nwp as usize].clone()])?;
-        let a_ty = body.ty(a).map_err(CodegenError::Shape)?.clone();
-        let a_scratch = new_scratch("normed A", a_ty.clone());
-        for arg in &mut g.launch.args {
-            if let ArgRule::Buffer(b) = arg {
-                *arg = ArgRule::Buffer(BufferId([xp, nwp, a_scratch][b.0.min(2) as usize]));
+                *arg = ArgRule::Buffer(BufferId(slots[(b.0 as usize).min(slots.len() - 1)]));
             }
         }
         pre.push(g);
@@ -1198,7 +1176,7 @@ fn tail(body: &Graph, mm: Value, p_slot: u32, name: &str) -> Result<(Vec<Generat
             map.insert(mm, Value::from(p0));
             for &n in &desc {
                 let op = body.op(n);
-                if !is_elementwise(op) && !matches!(op, Op::Reshape { .. }) {
+                if !op.is_elementwise() && !matches!(op, Op::Reshape { .. }) {
                     return Err(unsupported(format!("a `{}` after the product (no tail generator for it)", op.name())));
                 }
                 let mut operands = Vec::new();

@@ -304,18 +304,7 @@ impl Plan {
                 Op::Convert { dtype } => {
                     Elem::of(*dtype, "convert target")?;
                 }
-                Op::Add
-                | Op::Mul
-                | Op::Scale { .. }
-                | Op::Silu
-                | Op::Softplus
-                | Op::Exp
-                | Op::Sigmoid
-                | Op::Neg
-                | Op::Relu2
-                | Op::Gelu
-                | Op::Swiglu
-                | Op::Clamp { .. } => {}
+                op if op.is_elementwise() => {}
                 other => return Err(unsupported(format!("`{}` in an elementwise body", other.name()))),
             }
             for src in operands {

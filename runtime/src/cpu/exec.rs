@@ -134,8 +134,9 @@ impl Device for CpuRounded {
         program: &Program,
         mem: &mut CpuMemory,
         launch: &flashc_codegen::host::Launched<'_>,
+        kernels: Option<&flashc_codegen::kernels::dispatch::Dispatched>,
     ) -> Result<(), RuntimeError> {
-        Cpu.launch(program, mem, launch)
+        Cpu.launch(program, mem, launch, kernels)
     }
 }
 
@@ -233,6 +234,7 @@ impl Device for Cpu {
         program: &Program,
         mem: &mut CpuMemory,
         launch: &flashc_codegen::host::Launched<'_>,
+        _kernels: Option<&flashc_codegen::kernels::dispatch::Dispatched>,
     ) -> Result<(), RuntimeError> {
         if launch.part != 0 {
             return Err(RuntimeError::Compile(format!(

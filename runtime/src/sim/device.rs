@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use flashc_codegen::host::plan::{GroupRules, StorageClass};
+use flashc_codegen::host::plan::StorageClass;
 use flashc_codegen::host::{LaunchPlan, Launched};
 use flashc_codegen::kernels::Generated;
 use flashc_codegen::kernels::dispatch::{self, Dispatched};
@@ -26,7 +26,7 @@ use flashc_compiler::gir::{Bindings, DType};
 use flashc_compiler::schedule::{BufferId, BufferKind, KernelGroup, KernelId, Program};
 
 use super::{Arg, GlobalMemory, Launch, SimError, Stats};
-use crate::device::{Device, HostData, RuntimeError};
+use crate::device::{Device, GroupKernels, HostData, RuntimeError};
 
 /// The kir interpreter device.
 #[derive(Clone, Copy, Debug, Default)]
@@ -198,13 +198,11 @@ impl SimMemory {
         Ok(addr)
     }
 
-    /// The kernels of `group`, before its first kernel runs: checks the row limit of the generated
-    /// kernels and clears zeroed storage whose lifetime starts here.
-    fn begin_group(&mut self, program: &Program, group: &KernelGroup) -> Result<Arc<Dispatched>, RuntimeError> {
-        let d = self.kernels(program, group)?;
-        crate::device::check_rows(group, &d, &self.at)?;
-        self.clear_zeroed(program, group)?;
-        Ok(d)
+    /// Before `group`'s first kernel runs: checks the row limit of its kernels `d` and clears
+    /// zeroed storage whose lifetime starts here.
+    fn begin_group(&mut self, program: &Program, group: &KernelGroup, d: &Dispatched) -> Result<(), RuntimeError> {
+        crate::device::check_rows(group, d, &self.at)?;
+        self.clear_zeroed(program, group)
     }
 
     /// Interprets one kernel with raw 64-bit arguments (typed by its parameters) and adds up what
@@ -326,7 +324,8 @@ impl Device for Sim {
     }
 
     fn run(&self, program: &Program, group: &KernelGroup, mem: &mut SimMemory) -> Result<(), RuntimeError> {
-        let d = mem.begin_group(program, group)?;
+        let d = mem.kernels(program, group)?;
+        mem.begin_group(program, group, &d)?;
         let at = mem.at;
         for g in d.kernels.iter() {
             let grid = g.launch.grid_at(&at);
@@ -373,21 +372,32 @@ impl Device for Sim {
         Ok(bases)
     }
 
-    fn launch(&self, program: &Program, mem: &mut SimMemory, launch: &Launched<'_>) -> Result<(), RuntimeError> {
+    fn launch(
+        &self,
+        program: &Program,
+        mem: &mut SimMemory,
+        launch: &Launched<'_>,
+        kernels: Option<&Dispatched>,
+    ) -> Result<(), RuntimeError> {
         let group = crate::device::group(program, launch.kernel)?;
-        let d = if launch.part == 0 { mem.begin_group(program, group)? } else { mem.kernels(program, group)? };
-        let g = d.kernels.get(launch.part as usize).ok_or_else(|| {
-            RuntimeError::Compile(format!(
-                "{} has no kernel {} (the schedule and the dispatcher disagree)",
-                group.id, launch.part
-            ))
-        })?;
+        let generated;
+        let d = match kernels {
+            Some(d) => d,
+            None => {
+                generated = mem.kernels(program, group)?;
+                generated.as_ref()
+            }
+        };
+        if launch.part == 0 {
+            mem.begin_group(program, group, d)?;
+        }
+        let g = crate::device::scheduled_kernel(group, d, launch)?;
         let sim_launch = Launch { grid: launch.grid, block: launch.block, dynamic_shared: launch.shared };
         mem.launch_kernel(g, &sim_launch, launch.args)
     }
 
-    fn rules(&self, program: &Program) -> Result<BTreeMap<KernelId, GroupRules>, RuntimeError> {
-        Ok(crate::device::generated_rules(program))
+    fn kernels(&self, program: &Program) -> Result<GroupKernels, RuntimeError> {
+        Ok(crate::device::generated_kernels(program))
     }
 
     fn synchronize(&self) -> Result<(), RuntimeError> {
